@@ -1,0 +1,223 @@
+"""The consume loop: poll a batch, apply it with its offsets in one transaction.
+
+The database, not Kafka, is the source of truth for consumed offsets. On every
+partition assignment the consumer seeks to the offsets stored in the database;
+offsets committed to Kafka exist only for monitoring tools.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterable
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from consumer.batch import decode_values
+from license_report.settings import Settings
+from projections import schema
+from projections.apply import apply_batch
+
+logger = logging.getLogger(__name__)
+
+# Back-off between retries of a failed batch, in seconds.
+RETRY_BASE_SECONDS = 0.5
+RETRY_MAX_SECONDS = 30.0
+
+
+class LicenseEventConsumer:
+    """Consumes the license topic into the projection, exactly once in effect."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.stopping = threading.Event()
+        self._kafka: KafkaConsumer | None = None
+        self._failures = 0
+
+    def run(self) -> None:
+        """Consume until ``stop()`` is called or SIGTERM/SIGINT arrives."""
+        settings = self.settings
+        logger.info(
+            "consumer starting topic=%s group_id=%s bootstrap_servers=%s",
+            settings.kafka_topic,
+            settings.kafka_group_id,
+            settings.kafka_bootstrap_servers,
+        )
+        self._kafka = KafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap_servers.split(","),
+            group_id=settings.kafka_group_id,
+            client_id=f"license-report-{settings.kafka_group_id}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+            max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+            max_poll_records=settings.batch_max_records,
+        )
+        self._kafka.subscribe([settings.kafka_topic], listener=_Rebalance(self))
+        try:
+            while not self.stopping.is_set():
+                records = self._kafka.poll(
+                    timeout_ms=settings.batch_timeout_ms,
+                    max_records=settings.batch_max_records,
+                )
+                if records:
+                    self._process(records)
+        finally:
+            self._kafka.close(autocommit=False)
+            logger.info("consumer stopped group_id=%s", settings.kafka_group_id)
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the batch in flight; safe from any thread."""
+        self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        """Stop cleanly on SIGTERM and SIGINT."""
+
+        def handle(signum: int, _frame: object) -> None:
+            logger.info("signal received, stopping signal=%s", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Read the next offsets to consume from the database."""
+        wanted = {(tp.topic, tp.partition): tp for tp in partitions}
+        table = schema.consumer_offsets
+        query = select(table.c.topic, table.c.partition, table.c.next_offset).where(
+            table.c.group_id == self.settings.kafka_group_id,
+            table.c.topic.in_({topic for topic, _ in wanted}),
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return {
+            wanted[(topic, partition)]: offset
+            for topic, partition, offset in rows
+            if (topic, partition) in wanted
+        }
+
+    def _process(self, records: dict[TopicPartition, list]) -> None:
+        """Apply one polled batch, or rewind it for another try if that fails."""
+        started = time.monotonic()
+        values = (
+            (record.topic, record.partition, record.offset, record.value)
+            for partition_records in records.values()
+            for record in partition_records
+        )
+        decoded = decode_values(values)
+        group_id = self.settings.kafka_group_id
+        offsets = {
+            (group_id, tp.topic, tp.partition): batch[-1].offset + 1
+            for tp, batch in records.items()
+        }
+        try:
+            with self.engine.begin() as conn:
+                result = apply_batch(conn, decoded.events, decoded.dead_letters, offsets)
+        except (OperationalError, DBAPIError) as error:
+            self._rewind(records)
+            self._back_off(error, offsets)
+            return
+
+        self._failures = 0
+        logger.info(
+            "batch applied records=%d applied=%d duplicates=%d dead_letters=%d "
+            "seconds=%.3f",
+            sum(len(batch) for batch in records.values()),
+            sum(result.applied.values()),
+            result.duplicates,
+            result.dead_letters,
+            time.monotonic() - started,
+        )
+        self._commit_to_kafka(records)
+
+    def _rewind(self, records: dict[TopicPartition, list]) -> None:
+        """Seek back to the first record of each partition so it is polled again."""
+        for tp, batch in records.items():
+            self._kafka.seek(tp, batch[0].offset)
+
+    def _back_off(self, error: Exception, offsets: dict) -> None:
+        self._failures += 1
+        delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (self._failures - 1))
+        delay *= random.uniform(0.5, 1.0)
+        log = logger.warning if self._failures <= 5 or self._failures % 20 == 0 else logger.debug
+        log(
+            "batch failed, retrying attempt=%d delay_seconds=%.1f partitions=%s error=%s",
+            self._failures,
+            delay,
+            sorted((topic, partition) for _, topic, partition in offsets),
+            _one_line(error),
+        )
+        self.stopping.wait(delay)
+
+    def _commit_to_kafka(self, records: dict[TopicPartition, list]) -> None:
+        """Commit the applied offsets to Kafka for monitoring; failures are harmless."""
+        offsets = {
+            tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1)
+            for tp, batch in records.items()
+        }
+        try:
+            self._kafka.commit(offsets)
+        except KafkaError as error:
+            logger.warning(
+                "offset commit to Kafka failed; the database keeps the offsets error=%s",
+                _one_line(error),
+            )
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Seeks newly assigned partitions to the offsets stored in the database."""
+
+    def __init__(self, consumer: LicenseEventConsumer) -> None:
+        self.consumer = consumer
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Batches are applied between polls, so no work is in flight here.
+        logger.info("partitions revoked partitions=%s", _names(revoked))
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        logger.info("partitions assigned partitions=%s", _names(assigned))
+        if not assigned:
+            return
+        kafka = self.consumer._kafka
+        try:
+            stored = self.consumer.stored_offsets(assigned)
+        except (OperationalError, DBAPIError) as error:
+            # Kafka's committed offsets are never ahead of the database's, and
+            # the event store drops events applied before, so this is safe.
+            logger.warning(
+                "stored offsets unavailable, resuming from Kafka's error=%s",
+                _one_line(error),
+            )
+            return
+        for tp in assigned:
+            if tp in stored:
+                kafka.seek(tp, stored[tp])
+                logger.info(
+                    "resuming topic=%s partition=%d offset=%d",
+                    tp.topic,
+                    tp.partition,
+                    stored[tp],
+                )
+            else:
+                kafka.seek_to_beginning(tp)
+                logger.info(
+                    "no stored offset, starting at the beginning topic=%s partition=%d",
+                    tp.topic,
+                    tp.partition,
+                )
+
+
+def _names(partitions: Iterable[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}:{tp.partition}" for tp in sorted(partitions))
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:500]

@@ -1,0 +1,220 @@
+"""The ``license-report`` command line."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from license_report.errors import LicenseReportError
+from license_report.logs import configure_logging
+from license_report.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    help="Event-sourced IOMAD user license allocations report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(help="SQLAlchemy database URL [env: LICENSE_REPORT_DATABASE_URL]"),
+]
+SAMPLE_HISTORY = Path(__file__).parent / "data" / "sample-history.jsonl"
+
+
+def _settings(**overrides: object) -> Settings:
+    """Read settings from the environment; command-line values take precedence."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"LICENSE_REPORT_{'_'.join(map(str, item['loc'])).upper()}: {item['msg']}"
+            for item in error.errors(include_url=False)
+        )
+        _fail(f"invalid settings: {problems}")
+    configure_logging(settings.log_level)
+    return settings
+
+
+def _engine(settings: Settings, check_schema: bool = True):
+    from projections.migrate import check_current
+    from projections.sql import make_engine
+
+    engine = make_engine(settings.database_url)
+    if check_schema:
+        try:
+            check_current(engine)
+        except LicenseReportError as error:
+            _fail(str(error))
+    return engine
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def migrate(database_url: DatabaseUrl = None) -> None:
+    """Create or upgrade the database schema to this version."""
+    from projections.migrate import upgrade
+
+    settings = _settings(database_url=database_url)
+    upgrade(_engine(settings, check_schema=False))
+    typer.echo("schema is up to date")
+
+
+@app.command()
+def consume(
+    database_url: DatabaseUrl = None,
+    bootstrap_servers: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated Kafka brokers [env: LICENSE_REPORT_KAFKA_BOOTSTRAP_SERVERS]"
+        ),
+    ] = None,
+    topic: Annotated[
+        str | None, typer.Option(help="Topic to consume [env: LICENSE_REPORT_KAFKA_TOPIC]")
+    ] = None,
+    group_id: Annotated[
+        str | None,
+        typer.Option(help="Kafka consumer group [env: LICENSE_REPORT_KAFKA_GROUP_ID]"),
+    ] = None,
+) -> None:
+    """Consume license events from Kafka into the projection until SIGTERM/SIGINT."""
+    from consumer.loop import LicenseEventConsumer
+
+    settings = _settings(
+        database_url=database_url,
+        kafka_bootstrap_servers=bootstrap_servers,
+        kafka_topic=topic,
+        kafka_group_id=group_id,
+    )
+    consumer = LicenseEventConsumer(settings, _engine(settings))
+    consumer.install_signal_handlers()
+    consumer.run()
+
+
+@app.command()
+def replay(
+    files: Annotated[list[str], typer.Argument(help="JSON-lines files; - for stdin")],
+    database_url: DatabaseUrl = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Events per transaction")] = 5000,
+) -> None:
+    """Apply JSON-lines files of events through the same code as the consumer."""
+    from consumer.replay import replay_files
+
+    settings = _settings(database_url=database_url)
+    for path in files:
+        if path != "-" and not Path(path).is_file():
+            _fail(f"file not found: {path}")
+    result = replay_files(_engine(settings), files, batch_size=batch_size)
+    typer.echo(
+        f"lines={result.lines} applied={result.applied} "
+        f"duplicates={result.duplicates} dead_letters={result.dead_letters}"
+    )
+
+
+@app.command()
+def serve(
+    database_url: DatabaseUrl = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on [env: LICENSE_REPORT_API_HOST]")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on [env: LICENSE_REPORT_API_PORT]")
+    ] = None,
+) -> None:
+    """Serve the report API with uvicorn."""
+    settings = _settings(database_url=database_url, api_host=host, api_port=port)
+    if not settings.key_scopes():
+        logger.warning("no API keys configured: every request will get 401")
+    _serve(settings, _engine(settings))
+
+
+def _serve(settings: Settings, engine) -> None:
+    import uvicorn
+
+    from api.app import create_app
+
+    application = create_app(settings, engine)
+    uvicorn.run(
+        application,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+    )
+
+
+@app.command()
+def demo(
+    database_url: DatabaseUrl = None,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    serve_api: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve the API after loading")
+    ] = True,
+) -> None:
+    """Load the bundled sample history into a database and serve the API on it."""
+    from consumer.replay import replay_files
+    from projections.migrate import upgrade
+
+    key = secrets.token_urlsafe(24)
+    settings = _settings(
+        database_url=database_url,
+        api_host=host,
+        api_port=port,
+        api_keys=f'{{"{key}": "*"}}',
+    )
+    engine = _engine(settings, check_schema=False)
+    upgrade(engine)
+    result = replay_files(engine, [str(SAMPLE_HISTORY)])
+    typer.echo(
+        f"loaded the sample history into {settings.database_url}: "
+        f"{result.applied} events applied, {result.duplicates} duplicates, "
+        f"{result.dead_letters} dead letters"
+    )
+    base = f"http://{host}:{port}"
+    typer.echo(f"API key: {key}")
+    typer.echo(
+        f'try: curl -H "Authorization: Bearer {key}" '
+        f"{base}/v1/companies/1/license-allocations"
+    )
+    if serve_api:
+        _serve(settings, engine)
+
+
+@app.command("dead-letters")
+def dead_letters(
+    database_url: DatabaseUrl = None,
+    limit: Annotated[int, typer.Option(min=1, help="Rows to show, newest first")] = 50,
+) -> None:
+    """List rejected events with the reason each was rejected."""
+    from sqlalchemy import select
+
+    from consumer.timestamps import format_us
+    from projections import schema
+
+    settings = _settings(database_url=database_url)
+    table = schema.dead_letters
+    query = select(table).order_by(table.c.id.desc()).limit(limit)
+    with _engine(settings).connect() as conn:
+        for row in conn.execute(query):
+            where = f"{row.origin} partition={row.partition} offset={row.offset}"
+            typer.echo(
+                f"{row.id}\t{format_us(row.received_at_us)}\t{where}\t{row.reason}"
+            )
+
+
+if __name__ == "__main__":
+    app()
