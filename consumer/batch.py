@@ -42,7 +42,10 @@ def decode_values(
             reason = rejection.reason
         except Exception as error:  # noqa: BLE001 - a decoder bug must not stop ingestion
             logger.exception(
-                "decoder failed origin=%s partition=%s offset=%s", origin, partition, offset
+                "decoder failed origin=%s partition=%s offset=%s",
+                origin,
+                partition,
+                offset,
             )
             reason = f"unexpected decoding error: {type(error).__name__}: {error}"
         else:

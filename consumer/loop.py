@@ -14,7 +14,12 @@ import threading
 import time
 from collections.abc import Iterable
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaConsumer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
 from kafka.errors import KafkaError
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -82,13 +87,17 @@ class LicenseEventConsumer:
         """Stop cleanly on SIGTERM and SIGINT."""
 
         def handle(signum: int, _frame: object) -> None:
-            logger.info("signal received, stopping signal=%s", signal.Signals(signum).name)
+            logger.info(
+                "signal received, stopping signal=%s", signal.Signals(signum).name
+            )
             self.stop()
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
-    def stored_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    def stored_offsets(
+        self, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int]:
         """Read the next offsets to consume from the database."""
         wanted = {(tp.topic, tp.partition): tp for tp in partitions}
         table = schema.consumer_offsets
@@ -120,7 +129,9 @@ class LicenseEventConsumer:
         }
         try:
             with self.engine.begin() as conn:
-                result = apply_batch(conn, decoded.events, decoded.dead_letters, offsets)
+                result = apply_batch(
+                    conn, decoded.events, decoded.dead_letters, offsets
+                )
         except (OperationalError, DBAPIError) as error:
             self._rewind(records)
             self._back_off(error, offsets)
@@ -147,9 +158,14 @@ class LicenseEventConsumer:
         self._failures += 1
         delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (self._failures - 1))
         delay *= random.uniform(0.5, 1.0)
-        log = logger.warning if self._failures <= 5 or self._failures % 20 == 0 else logger.debug
+        log = (
+            logger.warning
+            if self._failures <= 5 or self._failures % 20 == 0
+            else logger.debug
+        )
         log(
-            "batch failed, retrying attempt=%d delay_seconds=%.1f partitions=%s error=%s",
+            "batch failed, retrying attempt=%d delay_seconds=%.1f partitions=%s "
+            "error=%s",
             self._failures,
             delay,
             sorted((topic, partition) for _, topic, partition in offsets),
@@ -167,7 +183,8 @@ class LicenseEventConsumer:
             self._kafka.commit(offsets)
         except KafkaError as error:
             logger.warning(
-                "offset commit to Kafka failed; the database keeps the offsets error=%s",
+                "offset commit to Kafka failed; the database keeps the offsets "
+                "error=%s",
                 _one_line(error),
             )
 

@@ -20,7 +20,9 @@ from projections.ordering import MAX_SEQUENCE
 
 EVENT_TYPES = {
     "\\block_iomad_company_admin\\event\\user_license_assigned": "license.allocated",
-    "\\block_iomad_company_admin\\event\\user_license_unassigned": "license.unallocated",
+    "\\block_iomad_company_admin\\event\\user_license_unassigned": (
+        "license.unallocated"
+    ),
 }
 SOURCE = "moodle"
 
@@ -72,7 +74,14 @@ def decode_moodle(document: dict[str, Any]) -> Event:
         event_id = f"moodle-log-{log_id}"
     else:
         fingerprint = orjson.dumps(
-            [event_type, user_id, course_id, license_id, timecreated, data.get("issued_at")]
+            [
+                event_type,
+                user_id,
+                course_id,
+                license_id,
+                timecreated,
+                data.get("issued_at"),
+            ]
         )
         event_id = "moodle-" + hashlib.sha256(fingerprint).hexdigest()[:40]
 
@@ -101,7 +110,9 @@ def _decode_other(other: object) -> dict[str, Any]:
         try:
             decoded = orjson.loads(text)
         except orjson.JSONDecodeError as error:
-            raise RejectedEvent(f"Moodle event: other is not valid JSON: {error}") from None
+            raise RejectedEvent(
+                f"Moodle event: other is not valid JSON: {error}"
+            ) from None
     else:
         try:
             decoded = phpserialize.loads(text.encode("utf-8"), decode_strings=True)

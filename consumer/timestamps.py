@@ -36,7 +36,9 @@ def parse_rfc3339(text: object) -> int:
     try:
         instant = datetime.fromisoformat(normalised)
     except ValueError as error:
-        raise ValueError(f"{text[:64]!r} is an impossible date or time: {error}") from None
+        raise ValueError(
+            f"{text[:64]!r} is an impossible date or time: {error}"
+        ) from None
     return to_us(instant)
 
 
@@ -58,7 +60,7 @@ def to_us(instant: datetime) -> int:
 
 
 def format_us(micros: int) -> str:
-    """Format microseconds since the epoch as RFC 3339 in UTC, e.g. 2024-05-01T12:00:00Z."""
+    """Format microseconds since the epoch as RFC 3339 UTC: 2024-05-01T12:00:00Z."""
     instant = _EPOCH + timedelta(microseconds=micros)
     if instant.microsecond:
         return instant.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -79,11 +79,13 @@ def consume(
     bootstrap_servers: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated Kafka brokers [env: LICENSE_REPORT_KAFKA_BOOTSTRAP_SERVERS]"
+            help="Comma-separated Kafka brokers "
+            "[env: LICENSE_REPORT_KAFKA_BOOTSTRAP_SERVERS]"
         ),
     ] = None,
     topic: Annotated[
-        str | None, typer.Option(help="Topic to consume [env: LICENSE_REPORT_KAFKA_TOPIC]")
+        str | None,
+        typer.Option(help="Topic to consume [env: LICENSE_REPORT_KAFKA_TOPIC]"),
     ] = None,
     group_id: Annotated[
         str | None,
@@ -108,7 +110,9 @@ def consume(
 def replay(
     files: Annotated[list[str], typer.Argument(help="JSON-lines files; - for stdin")],
     database_url: DatabaseUrl = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Events per transaction")] = 5000,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Events per transaction")
+    ] = 5000,
 ) -> None:
     """Apply JSON-lines files of events through the same code as the consumer."""
     from consumer.replay import replay_files
@@ -128,10 +132,12 @@ def replay(
 def serve(
     database_url: DatabaseUrl = None,
     host: Annotated[
-        str | None, typer.Option(help="Address to listen on [env: LICENSE_REPORT_API_HOST]")
+        str | None,
+        typer.Option(help="Address to listen on [env: LICENSE_REPORT_API_HOST]"),
     ] = None,
     port: Annotated[
-        int | None, typer.Option(help="Port to listen on [env: LICENSE_REPORT_API_PORT]")
+        int | None,
+        typer.Option(help="Port to listen on [env: LICENSE_REPORT_API_PORT]"),
     ] = None,
 ) -> None:
     """Serve the report API with uvicorn."""
@@ -143,7 +149,6 @@ def serve(
 
 def _serve(settings: Settings, engine) -> None:
     import uvicorn
-
     from api.app import create_app
 
     application = create_app(settings, engine)

@@ -213,7 +213,8 @@ def _reference_row(event: Event) -> dict[str, object]:
     raise ValueError(f"no reference row for event type {event.type}")
 
 
-# Column values of a tombstone row inserted before its entity was ever upserted.
+# Columns a tombstone sets besides its key and "deleted"; every other column is
+# cleared, which also drops a deleted user's personal data from the projection.
 _TOMBSTONE_DEFAULTS = {"suspended": False, "reusable": False, "program": False}
 
 
@@ -234,13 +235,8 @@ def _apply_reference(
         if current is None or _version(row) > _version(current):
             latest[row_key] = row
 
-    # Deletions set only the tombstone, so the rest of the row stays as it was.
-    groups: dict[frozenset[str], list[dict[str, object]]] = {}
-    for row_key in sorted(latest):
-        row = latest[row_key]
-        groups.setdefault(frozenset(row), []).append(row)
-    for columns, rows in groups.items():
-        _upsert_versioned(conn, table, key, columns, rows)
+    rows = [latest[row_key] for row_key in sorted(latest)]
+    _upsert_versioned(conn, table, key, rows)
 
 
 def _version(row: Mapping[str, object]) -> tuple:
@@ -248,28 +244,21 @@ def _version(row: Mapping[str, object]) -> tuple:
 
 
 def _upsert_versioned(
-    conn: Connection,
-    table,
-    key: list[str],
-    columns: frozenset[str],
-    rows: list[dict[str, object]],
+    conn: Connection, table, key: list[str], rows: list[dict[str, object]]
 ) -> None:
+    """Write whole rows, so a tombstone clears every column the same in any order."""
+    names = [column.name for column in table.c]
     values = []
     for row in rows:
-        full = {
-            name: None for name in table.c.keys() if name not in columns
-        } | row
-        for name, default in _TOMBSTONE_DEFAULTS.items():
-            if name in table.c and full.get(name) is None:
-                full[name] = default
-        values.append(full)
+        full = dict.fromkeys(names) | _TOMBSTONE_DEFAULTS | row
+        values.append({name: full[name] for name in names})
 
     statement = insert(conn, table)
     excluded = statement.excluded
     versions = ["version_time_us", "version_sequence", "version_position"]
     statement = statement.on_conflict_do_update(
         index_elements=[table.c[name] for name in key],
-        set_={name: excluded[name] for name in columns if name not in key},
+        set_={name: excluded[name] for name in names if name not in key},
         where=tuple_(*(table.c[name] for name in versions))
         < tuple_(*(excluded[name] for name in versions)),
     )
@@ -354,12 +343,14 @@ def _fold(
     row: dict[str, object], action: int, at_us: int, time_us: int, sequence: int
 ) -> None:
     """Add one license event to a report row's batch delta."""
-    if action == ALLOCATED:
-        row["allocations"] += 1
-        row["last_allocated_us"] = max(row["last_allocated_us"] or at_us, at_us)
-    else:
-        row["unallocations"] += 1
-        row["last_unallocated_us"] = max(row["last_unallocated_us"] or at_us, at_us)
+    counter, latest = (
+        ("allocations", "last_allocated_us")
+        if action == ALLOCATED
+        else ("unallocations", "last_unallocated_us")
+    )
+    row[counter] += 1
+    if row[latest] is None or at_us > row[latest]:
+        row[latest] = at_us
     if row["last_time_us"] is None or (time_us, sequence) > (
         row["last_time_us"],
         row["last_order_sequence"],
@@ -453,4 +444,6 @@ def _update_state(conn: Connection, events: list[tuple[Event, int]]) -> None:
 
 def count_events(conn: Connection) -> int:
     """Return the number of events in the event store."""
-    return conn.execute(func.count().select().select_from(schema.event_store)).scalar_one()
+    return conn.execute(
+        func.count().select().select_from(schema.event_store)
+    ).scalar_one()
