@@ -9,7 +9,7 @@ store changes nothing.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -24,9 +24,11 @@ from projections.ordering import (
     order_sequence,
     version_sequence,
 )
+from projections.registry import live_projection
+from projections.schema import Projection
 from projections.sql import insert
 
-LIVE = "live"
+STATE_ROW = "live"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +74,17 @@ def apply_batch(
     commit or roll back together.
     """
     result = BatchResult(dead_letters=len(dead_letters))
+    projection = live_projection(conn, lock=True)
     new_events = store_events(conn, incoming)
     result.duplicates = len(incoming) - len(new_events)
 
     if new_events:
-        project_events(conn, new_events)
+        project_events(conn, projection, new_events)
         result.applied.update(event.type for event, _ in new_events)
     if dead_letters:
         _store_dead_letters(conn, dead_letters)
     if offsets:
         _store_offsets(conn, offsets)
-    if new_events:
-        _update_state(conn, new_events)
     return result
 
 
@@ -126,8 +127,16 @@ def store_events(
     ]
 
 
-def project_events(conn: Connection, events: Iterable[tuple[Event, int]]) -> None:
-    """Apply new events, given with their event store positions, to the projection."""
+def project_events(
+    conn: Connection, projection: Projection, events: Sequence[tuple[Event, int]]
+) -> None:
+    """Apply events, given with their event store positions, to a projection.
+
+    Applying an event a second time changes nothing, so a rebuild may apply an
+    overlapping range of the event store again.
+    """
+    if not events:
+        return
     by_type: dict[str, list[tuple[Event, int]]] = {}
     for event, position in events:
         by_type.setdefault(event.type, []).append((event, position))
@@ -135,30 +144,30 @@ def project_events(conn: Connection, events: Iterable[tuple[Event, int]]) -> Non
     def of(*types: str) -> list[tuple[Event, int]]:
         return [item for name in types for item in by_type.get(name, [])]
 
-    _apply_reference(conn, schema.companies, ["company_id"], of("company.upserted"))
+    p = projection
+    _apply_reference(conn, p.companies, ["company_id"], of("company.upserted"))
     _apply_reference(
         conn,
-        schema.departments,
+        p.departments,
         ["department_id"],
         of("department.upserted", "department.deleted"),
     )
-    _apply_reference(
-        conn, schema.users, ["user_id"], of("user.upserted", "user.deleted")
-    )
+    _apply_reference(conn, p.users, ["user_id"], of("user.upserted", "user.deleted"))
     _apply_reference(
         conn,
-        schema.memberships,
+        p.memberships,
         ["user_id", "company_id", "department_id"],
         of("user.department.assigned", "user.department.unassigned"),
     )
-    _apply_reference(conn, schema.courses, ["course_id"], of("course.upserted"))
+    _apply_reference(conn, p.courses, ["course_id"], of("course.upserted"))
     _apply_reference(
         conn,
-        schema.licenses,
+        p.licenses,
         ["license_id"],
         of("license.upserted", "license.deleted"),
     )
-    _apply_license_events(conn, of("license.allocated", "license.unallocated"))
+    _apply_license_events(conn, p, of("license.allocated", "license.unallocated"))
+    _update_state(conn, p, events)
 
 
 def _reference_row(event: Event) -> dict[str, object]:
@@ -265,36 +274,44 @@ def _upsert_versioned(
     conn.execute(statement, values)
 
 
-def _apply_license_events(conn: Connection, events: list[tuple[Event, int]]) -> None:
-    """Record allocations and unallocations and fold them into the report rows."""
+def _apply_license_events(
+    conn: Connection, projection: Projection, events: list[tuple[Event, int]]
+) -> None:
+    """Record allocations and unallocations and fold the new ones into report rows."""
     if not events:
         return
-    history = []
-    rows: dict[tuple[int, int, int], dict[str, object]] = {}
+    history = {}
     for event, _ in events:
         data = event.data
         action = ALLOCATED if event.type == "license.allocated" else UNALLOCATED
-        at_us = data.issued_at if action == ALLOCATED else event.time_us
-        sequence = order_sequence(event.sequence, action)
-        history.append(
-            {
-                "event_id": event.event_id,
-                "user_id": data.user_id,
-                "license_id": data.license_id,
-                "course_id": data.course_id,
-                "action": action,
-                "at_us": at_us,
-                "time_us": event.time_us,
-                "order_sequence": sequence,
-            }
-        )
-        row_key = (data.user_id, data.license_id, data.course_id)
+        history[event.event_id] = {
+            "event_id": event.event_id,
+            "user_id": data.user_id,
+            "license_id": data.license_id,
+            "course_id": data.course_id,
+            "action": action,
+            "at_us": data.issued_at if action == ALLOCATED else event.time_us,
+            "time_us": event.time_us,
+            "order_sequence": order_sequence(event.sequence, action),
+        }
+    table = projection.license_events
+    statement = (
+        insert(conn, table)
+        .on_conflict_do_nothing(index_elements=[table.c.event_id])
+        .returning(table.c.event_id)
+    )
+    new_ids = conn.execute(statement, [history[key] for key in sorted(history)])
+
+    rows: dict[tuple[int, int, int], dict[str, object]] = {}
+    for (event_id,) in new_ids:
+        item = history[event_id]
+        row_key = (item["user_id"], item["license_id"], item["course_id"])
         row = rows.setdefault(
             row_key,
             {
-                "user_id": data.user_id,
-                "license_id": data.license_id,
-                "course_id": data.course_id,
+                "user_id": item["user_id"],
+                "license_id": item["license_id"],
+                "course_id": item["course_id"],
                 "allocations": 0,
                 "unallocations": 0,
                 "allocated": False,
@@ -304,12 +321,11 @@ def _apply_license_events(conn: Connection, events: list[tuple[Event, int]]) -> 
                 "last_unallocated_us": None,
             },
         )
-        _fold(row, action, at_us, event.time_us, sequence)
+        _fold(row, item)
+    if not rows:
+        return
 
-    history.sort(key=lambda item: item["event_id"])
-    conn.execute(insert(conn, schema.license_events), history)
-
-    table = schema.license_allocations
+    table = projection.license_allocations
     statement = insert(conn, table)
     excluded = statement.excluded
     newer = tuple_(excluded.last_time_us, excluded.last_order_sequence) > tuple_(
@@ -339,25 +355,24 @@ def _apply_license_events(conn: Connection, events: list[tuple[Event, int]]) -> 
     conn.execute(statement, [rows[row_key] for row_key in sorted(rows)])
 
 
-def _fold(
-    row: dict[str, object], action: int, at_us: int, time_us: int, sequence: int
-) -> None:
+def _fold(row: dict[str, object], item: dict[str, int]) -> None:
     """Add one license event to a report row's batch delta."""
+    allocation = item["action"] == ALLOCATED
     counter, latest = (
         ("allocations", "last_allocated_us")
-        if action == ALLOCATED
+        if allocation
         else ("unallocations", "last_unallocated_us")
     )
     row[counter] += 1
-    if row[latest] is None or at_us > row[latest]:
-        row[latest] = at_us
-    if row["last_time_us"] is None or (time_us, sequence) > (
+    if row[latest] is None or item["at_us"] > row[latest]:
+        row[latest] = item["at_us"]
+    order = (item["time_us"], item["order_sequence"])
+    if row["last_time_us"] is None or order > (
         row["last_time_us"],
         row["last_order_sequence"],
     ):
-        row["last_time_us"] = time_us
-        row["last_order_sequence"] = sequence
-        row["allocated"] = action == ALLOCATED
+        row["last_time_us"], row["last_order_sequence"] = order
+        row["allocated"] = allocation
 
 
 def _greatest(current, incoming):
@@ -416,9 +431,11 @@ def _store_offsets(
     )
 
 
-def _update_state(conn: Connection, events: list[tuple[Event, int]]) -> None:
-    """Record the newest applied event time; runs last to keep its row lock short."""
-    table = schema.projection_state
+def _update_state(
+    conn: Connection, projection: Projection, events: Sequence[tuple[Event, int]]
+) -> None:
+    """Record the newest applied event time; runs last to hold its row lock briefly."""
+    table = projection.state
     statement = insert(conn, table)
     excluded = statement.excluded
     statement = statement.on_conflict_do_update(
@@ -434,7 +451,7 @@ def _update_state(conn: Connection, events: list[tuple[Event, int]]) -> None:
     conn.execute(
         statement,
         {
-            "name": LIVE,
+            "name": STATE_ROW,
             "newest_event_time_us": max(event.time_us for event, _ in events),
             "applied_at_us": now_us(),
             "events_applied": len(events),

@@ -11,6 +11,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 from license_report.errors import SchemaOutOfDate
+from projections.registry import ensure_live, live_projection
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +40,16 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
+    ensure_live(engine)
     logger.info(
-        "schema migrated",
-        extra={"from_revision": before, "to_revision": current_revision(engine)},
+        "schema migrated from_revision=%s to_revision=%s",
+        before,
+        current_revision(engine),
     )
 
 
 def check_current(engine: Engine) -> None:
-    """Raise SchemaOutOfDate unless the schema is at the head revision."""
+    """Raise SchemaOutOfDate unless the schema and live projection are current."""
     current = current_revision(engine)
     head = head_revision()
     if current != head:
@@ -55,3 +58,5 @@ def check_current(engine: Engine) -> None:
             f"version of license-report needs {head}; run `license-report migrate` "
             "against the same LICENSE_REPORT_DATABASE_URL first"
         )
+    with engine.connect() as conn:
+        live_projection(conn)

@@ -1,4 +1,9 @@
-"""Tables of the event store, the consumer's offsets and the report projection.
+"""Tables of the event store, the consumer's offsets and the report projections.
+
+Alembic migrates the shared tables defined on ``metadata``. The projection tables
+come in versions, each a complete set named with a ``_v<N>`` suffix: a rebuild
+fills a new version beside the live one, and the ``projections`` registry says
+which version readers and the consumer use.
 
 All instants are stored as integer microseconds since the Unix epoch (UTC), in
 columns whose names end in ``_us``: they compare and sort the same way on
@@ -6,6 +11,8 @@ PostgreSQL and SQLite.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from sqlalchemy import (
     BigInteger,
@@ -24,13 +31,17 @@ from sqlalchemy import (
 # SQLite only auto-increments an INTEGER PRIMARY KEY column.
 AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
-metadata = MetaData(
-    naming_convention={
-        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-        "pk": "pk_%(table_name)s",
-    }
-)
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+# The layout of projection tables this code reads and writes. Changing a
+# projection table means raising it; a rebuild then creates tables of the new
+# layout, and the commands refuse to run on an older live projection.
+PROJECTION_LAYOUT = 1
 
 
 def _version_columns() -> list[Column]:
@@ -85,113 +96,200 @@ consumer_offsets = Table(
     Column("updated_at_us", BigInteger, nullable=False),
 )
 
-projection_state = Table(
-    "projection_state",
+
+# One row per projection version; exactly one has status "live" once the
+# database is initialised.
+projections = Table(
+    "projections",
     metadata,
-    Column("name", String(64), primary_key=True),
-    Column("newest_event_time_us", BigInteger, nullable=True),
-    Column("applied_at_us", BigInteger, nullable=True),
-    Column("events_applied", BigInteger, nullable=False),
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("layout", Integer, nullable=False),
+    # "building", "live" or "retired".
+    Column("status", String(16), nullable=False),
+    Column("source", Text, nullable=False),
+    # Event store position up to which a building version has been filled.
+    Column("position", BigInteger, nullable=False),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("live_since_us", BigInteger, nullable=True),
 )
 
-companies = Table(
-    "companies",
-    metadata,
-    Column("company_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("name", Text, nullable=False),
-    *_version_columns(),
-)
 
-departments = Table(
-    "departments",
-    metadata,
-    Column("department_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("company_id", BigInteger, nullable=True),
-    Column("name", Text, nullable=True),
-    Column("parent_id", BigInteger, nullable=True),
-    Column("deleted", Boolean, nullable=False),
-    *_version_columns(),
-    Index(None, "company_id"),
-)
+@dataclass(frozen=True)
+class Projection:
+    """The tables of one projection version."""
 
-users = Table(
-    "users",
-    metadata,
-    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("firstname", Text, nullable=True),
-    Column("lastname", Text, nullable=True),
-    Column("email", Text, nullable=True),
-    Column("suspended", Boolean, nullable=False),
-    Column("deleted", Boolean, nullable=False),
-    *_version_columns(),
-)
+    version: int
+    metadata: MetaData
+    state: Table
+    companies: Table
+    departments: Table
+    users: Table
+    memberships: Table
+    courses: Table
+    licenses: Table
+    license_events: Table
+    license_allocations: Table
 
-memberships = Table(
-    "memberships",
-    metadata,
-    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("company_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("department_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("assigned", Boolean, nullable=False),
-    *_version_columns(),
-    Index(None, "company_id", "user_id"),
-)
 
-courses = Table(
-    "courses",
-    metadata,
-    Column("course_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("name", Text, nullable=False),
-    *_version_columns(),
-)
+def projection_tables(version: int) -> Projection:
+    """Define the tables of projection ``version`` on a metadata of their own."""
+    own = MetaData(naming_convention=NAMING_CONVENTION)
+    suffix = f"_v{version}"
+    tables = {name: build(own, name + suffix) for name, build in _BUILDERS.items()}
+    return Projection(version=version, metadata=own, **tables)
 
-licenses = Table(
-    "licenses",
-    metadata,
-    Column("license_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("company_id", BigInteger, nullable=True),
-    Column("name", Text, nullable=True),
-    Column("reusable", Boolean, nullable=False),
-    Column("program", Boolean, nullable=False),
-    Column("start_us", BigInteger, nullable=True),
-    Column("expiry_us", BigInteger, nullable=True),
-    Column("deleted", Boolean, nullable=False),
-    *_version_columns(),
-    Index(None, "company_id"),
-)
 
-# One row per distinct license.allocated or license.unallocated event.
-license_events = Table(
-    "license_events",
-    metadata,
-    Column("event_id", String(255), primary_key=True),
-    Column("user_id", BigInteger, nullable=False),
-    Column("license_id", BigInteger, nullable=False),
-    Column("course_id", BigInteger, nullable=False),
-    # 1 allocated, 0 unallocated, as in IOMAD's own log.
-    Column("action", SmallInteger, nullable=False),
-    # issued_at of an allocation, time of an unallocation.
-    Column("at_us", BigInteger, nullable=False),
-    Column("time_us", BigInteger, nullable=False),
-    Column("order_sequence", BigInteger, nullable=False),
-    Index(None, "user_id", "license_id", "course_id", "action", "at_us"),
-)
+def _state(metadata: MetaData, name: str) -> Table:
+    """How fresh the projection is: one row, named "live"."""
+    return Table(
+        name,
+        metadata,
+        Column("name", String(64), primary_key=True),
+        Column("newest_event_time_us", BigInteger, nullable=True),
+        Column("applied_at_us", BigInteger, nullable=True),
+        Column("events_applied", BigInteger, nullable=False),
+    )
 
-# The report rows: counts and current state per (user, license, course).
-license_allocations = Table(
-    "license_allocations",
-    metadata,
-    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("license_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("course_id", BigInteger, primary_key=True, autoincrement=False),
-    Column("allocations", Integer, nullable=False),
-    Column("unallocations", Integer, nullable=False),
-    Column("allocated", Boolean, nullable=False),
-    # Order key (time, order sequence) of the row's latest event: see
-    # projections.ordering.
-    Column("last_time_us", BigInteger, nullable=False),
-    Column("last_order_sequence", BigInteger, nullable=False),
-    Column("last_allocated_us", BigInteger, nullable=True),
-    Column("last_unallocated_us", BigInteger, nullable=True),
-    Index(None, "license_id", "user_id"),
-)
+
+def _companies(metadata: MetaData, name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("company_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("name", Text, nullable=False),
+        *_version_columns(),
+    )
+
+
+def _departments(metadata: MetaData, name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("department_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("company_id", BigInteger, nullable=True),
+        Column("name", Text, nullable=True),
+        Column("parent_id", BigInteger, nullable=True),
+        Column("deleted", Boolean, nullable=False),
+        *_version_columns(),
+        Index(None, "company_id"),
+    )
+
+
+def _users(metadata: MetaData, name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("firstname", Text, nullable=True),
+        Column("lastname", Text, nullable=True),
+        Column("email", Text, nullable=True),
+        Column("suspended", Boolean, nullable=False),
+        Column("deleted", Boolean, nullable=False),
+        *_version_columns(),
+    )
+
+
+def _memberships(metadata: MetaData, name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("company_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("department_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("assigned", Boolean, nullable=False),
+        *_version_columns(),
+        Index(None, "company_id", "user_id"),
+    )
+
+
+def _courses(metadata: MetaData, name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("course_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("name", Text, nullable=False),
+        *_version_columns(),
+    )
+
+
+def _licenses(metadata: MetaData, name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("license_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("company_id", BigInteger, nullable=True),
+        Column("name", Text, nullable=True),
+        Column("reusable", Boolean, nullable=False),
+        Column("program", Boolean, nullable=False),
+        Column("start_us", BigInteger, nullable=True),
+        Column("expiry_us", BigInteger, nullable=True),
+        Column("deleted", Boolean, nullable=False),
+        *_version_columns(),
+        Index(None, "company_id"),
+    )
+
+
+def _license_events(metadata: MetaData, name: str) -> Table:
+    """One row per distinct license.allocated or license.unallocated event."""
+    return Table(
+        name,
+        metadata,
+        Column("event_id", String(255), primary_key=True),
+        Column("user_id", BigInteger, nullable=False),
+        Column("license_id", BigInteger, nullable=False),
+        Column("course_id", BigInteger, nullable=False),
+        # 1 allocated, 0 unallocated, as in IOMAD's own log.
+        Column("action", SmallInteger, nullable=False),
+        # issued_at of an allocation, time of an unallocation.
+        Column("at_us", BigInteger, nullable=False),
+        Column("time_us", BigInteger, nullable=False),
+        Column("order_sequence", BigInteger, nullable=False),
+        Index(None, "user_id", "license_id", "course_id", "action", "at_us"),
+    )
+
+
+def _license_allocations(metadata: MetaData, name: str) -> Table:
+    """The report rows: counts and current state per (user, license, course)."""
+    return Table(
+        name,
+        metadata,
+        Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("license_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("course_id", BigInteger, primary_key=True, autoincrement=False),
+        Column("allocations", Integer, nullable=False),
+        Column("unallocations", Integer, nullable=False),
+        Column("allocated", Boolean, nullable=False),
+        # Order key (time, order sequence) of the row's latest event: see
+        # projections.ordering.
+        Column("last_time_us", BigInteger, nullable=False),
+        Column("last_order_sequence", BigInteger, nullable=False),
+        Column("last_allocated_us", BigInteger, nullable=True),
+        Column("last_unallocated_us", BigInteger, nullable=True),
+        Index(None, "license_id", "user_id"),
+    )
+
+
+_BUILDERS = {
+    "state": _state,
+    "companies": _companies,
+    "departments": _departments,
+    "users": _users,
+    "memberships": _memberships,
+    "courses": _courses,
+    "licenses": _licenses,
+    "license_events": _license_events,
+    "license_allocations": _license_allocations,
+}
+
+# TODO: remove these aliases of version 1 once every reader resolves the live
+# projection through projections.registry.
+_V1 = projection_tables(1)
+projection_state = _V1.state
+companies = _V1.companies
+departments = _V1.departments
+users = _V1.users
+memberships = _V1.memberships
+courses = _V1.courses
+licenses = _V1.licenses
+license_events = _V1.license_events
+license_allocations = _V1.license_allocations
