@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -43,8 +43,7 @@ def replay_files(
         logger.info("replay starting path=%s", path)
         with _open(path) as stream:
             origin = f"file:{path}"
-            for batch in _batches(stream, origin, batch_size):
-                _apply(engine, batch, result)
+            replay_values(engine, _batches(stream, origin, batch_size), result)
         logger.info(
             "replay finished path=%s lines=%d applied=%d duplicates=%d dead_letters=%d",
             path,
@@ -53,6 +52,16 @@ def replay_files(
             result.duplicates,
             result.dead_letters,
         )
+    return result
+
+
+def replay_values(
+    engine: Engine, batches: Iterable[list[tuple]], result: ReplayResult | None = None
+) -> ReplayResult:
+    """Apply batches of ``(origin, partition, offset, value)`` tuples."""
+    result = result or ReplayResult()
+    for batch in batches:
+        _apply(engine, batch, result)
     return result
 
 

@@ -1,0 +1,273 @@
+"""Rebuild a projection from the event store beside the live one, then switch.
+
+The new version is filled in batches while the consumer keeps writing to the
+live version and the API keeps reading it. Reaching the end of the event store
+is decided under a short exclusive lock on the live registry row: consumers
+hold a shared lock on that row for the whole of each batch, so while the
+exclusive lock is held no batch is in flight and every position up to the
+store's maximum is committed. The switch takes the same lock, applies what is
+left and makes the new version live in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+from sqlalchemy import Connection, Engine, func, select, update
+
+from consumer.decoding import decode_cloudevent
+from consumer.events import Event
+from consumer.timestamps import now_us
+from projections import schema
+from projections.apply import project_events
+from projections.registry import BUILDING, LIVE, RETIRED, tables
+from projections.schema import PROJECTION_LAYOUT, Projection
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 20_000
+# The switch happens once fewer events than this remain to catch up.
+SWITCH_THRESHOLD = 5_000
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(slots=True)
+class RebuildResult:
+    """What a rebuild did."""
+
+    version: int
+    previous_version: int
+    events: int
+    seconds: float
+    resumed: bool
+
+
+def rebuild_from_store(
+    engine: Engine,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    discard: bool = False,
+    progress: Progress | None = None,
+    source: str = "store",
+) -> RebuildResult:
+    """Build a new projection version from the event store and make it live.
+
+    An interrupted rebuild (a version still "building") is resumed, or dropped
+    first when ``discard`` is true. ``progress`` is called with the events done
+    and the events known so far.
+    """
+    started = time.monotonic()
+    projection, position, resumed = _start(engine, discard, source)
+    logger.info(
+        "rebuild starting version=%d from_position=%d resumed=%s",
+        projection.version,
+        position,
+        resumed,
+    )
+    done = 0
+    while True:
+        end = _committed_end(engine)
+        remaining = _count_between(engine, position, end)
+        if progress:
+            progress(done, done + remaining)
+        if remaining < SWITCH_THRESHOLD:
+            break
+        while position < end:
+            with engine.begin() as conn:
+                applied, position = fill(conn, projection, position, end, batch_size)
+            done += applied
+            if progress:
+                progress(done, done + _count_between(engine, position, end))
+
+    previous, switched_events = _switch(engine, projection, position)
+    done += switched_events
+    if progress:
+        progress(done, done)
+    seconds = time.monotonic() - started
+    logger.info(
+        "rebuild finished version=%d previous_version=%d events=%d seconds=%.1f",
+        projection.version,
+        previous,
+        done,
+        seconds,
+    )
+    return RebuildResult(projection.version, previous, done, seconds, resumed)
+
+
+def discard_building(engine: Engine) -> list[int]:
+    """Drop every version that is still building; return their numbers."""
+    registry = schema.projections
+    with engine.begin() as conn:
+        versions = conn.execute(
+            select(registry.c.version).where(registry.c.status == BUILDING)
+        ).scalars()
+        versions = list(versions)
+        for version in versions:
+            drop_version(conn, version)
+    for version in versions:
+        logger.info("rebuild discarded version=%d", version)
+    return versions
+
+
+def _start(engine: Engine, discard: bool, source: str) -> tuple[Projection, int, bool]:
+    """Return the building version to fill, its position, and whether it resumes."""
+    if discard:
+        discard_building(engine)
+    registry = schema.projections
+    with engine.begin() as conn:
+        building = conn.execute(
+            select(registry.c.version, registry.c.position, registry.c.layout).where(
+                registry.c.status == BUILDING
+            )
+        ).first()
+        if building is not None:
+            if building.layout == PROJECTION_LAYOUT:
+                return tables(building.version), building.position, True
+            # This code cannot resume filling tables of another layout.
+            drop_version(conn, building.version)
+        projection = create_version(conn, BUILDING, source)
+    return projection, 0, False
+
+
+def create_version(conn: Connection, status: str, source: str) -> Projection:
+    """Create the tables of a new, empty projection version and register it."""
+    registry = schema.projections
+    newest = conn.execute(select(func.max(registry.c.version))).scalar() or 0
+    projection = tables(newest + 1)
+    projection.metadata.create_all(conn)
+    conn.execute(
+        registry.insert().values(
+            version=projection.version,
+            layout=PROJECTION_LAYOUT,
+            status=status,
+            source=source,
+            position=0,
+            created_at_us=now_us(),
+        )
+    )
+    return projection
+
+
+def lock_live(conn: Connection) -> int:
+    """Take the exclusive lock on the live registry row; return the live version.
+
+    The no-op UPDATE waits for batches holding the shared lock and makes new
+    ones wait. On SQLite it takes the database's write lock, which does the same.
+    """
+    registry = schema.projections
+    conn.execute(
+        update(registry)
+        .where(registry.c.status == LIVE)
+        .values(status=registry.c.status)
+    )
+    return conn.execute(
+        select(registry.c.version).where(registry.c.status == LIVE)
+    ).scalar_one()
+
+
+def _committed_end(engine: Engine) -> int:
+    """Return a position up to which every event store row is committed."""
+    with engine.begin() as conn:
+        lock_live(conn)
+        return max_position(conn)
+
+
+def max_position(conn: Connection) -> int:
+    return conn.execute(select(func.max(schema.event_store.c.position))).scalar() or 0
+
+
+def _count_between(engine: Engine, start: int, end: int) -> int:
+    store = schema.event_store
+    with engine.connect() as conn:
+        return conn.execute(
+            select(func.count()).where(
+                store.c.position > start, store.c.position <= end
+            )
+        ).scalar_one()
+
+
+def fill(
+    conn: Connection, projection: Projection, start: int, end: int, batch_size: int
+) -> tuple[int, int]:
+    """Apply one batch of stored events after ``start``; return count and position."""
+    store = schema.event_store
+    rows = conn.execute(
+        select(store.c.position, store.c.payload)
+        .where(store.c.position > start, store.c.position <= end)
+        .order_by(store.c.position)
+        .limit(batch_size)
+    ).all()
+    if not rows:
+        _set_position(conn, projection, end)
+        return 0, end
+    events = [(_stored_event(payload), position) for position, payload in rows]
+    project_events(conn, projection, events)
+    position = rows[-1].position if len(rows) == batch_size else end
+    _set_position(conn, projection, position)
+    return len(rows), position
+
+
+def _stored_event(payload: str) -> Event:
+    return decode_cloudevent(orjson.loads(payload))
+
+
+def _set_position(conn: Connection, projection: Projection, position: int) -> None:
+    registry = schema.projections
+    conn.execute(
+        update(registry)
+        .where(registry.c.version == projection.version)
+        .values(position=position)
+    )
+
+
+def _switch(engine: Engine, projection: Projection, position: int) -> tuple[int, int]:
+    """Catch up under the exclusive lock and make ``projection`` live."""
+    registry = schema.projections
+    applied = 0
+    with engine.begin() as conn:
+        previous = lock_live(conn)
+        end = max_position(conn)
+        while position < end:
+            count, position = fill(conn, projection, position, end, DEFAULT_BATCH_SIZE)
+            applied += count
+        conn.execute(
+            update(registry)
+            .where(registry.c.version == previous)
+            .values(status=RETIRED)
+        )
+        conn.execute(
+            update(registry)
+            .where(registry.c.version == projection.version)
+            .values(status=LIVE, live_since_us=now_us())
+        )
+        _drop_old_retired(conn, keep=previous)
+    logger.info(
+        "projection switched version=%d previous_version=%d caught_up=%d",
+        projection.version,
+        previous,
+        applied,
+    )
+    return previous, applied
+
+
+def _drop_old_retired(conn: Connection, keep: int) -> None:
+    """Drop retired versions except ``keep``, which readers may still hold."""
+    registry = schema.projections
+    old = conn.execute(
+        select(registry.c.version).where(
+            registry.c.status == RETIRED, registry.c.version != keep
+        )
+    ).scalars()
+    for version in list(old):
+        drop_version(conn, version)
+        logger.info("projection dropped version=%d", version)
+
+
+def drop_version(conn: Connection, version: int) -> None:
+    registry = schema.projections
+    tables(version).metadata.drop_all(conn)
+    conn.execute(registry.delete().where(registry.c.version == version))
