@@ -149,6 +149,7 @@ def serve(
 
 def _serve(settings: Settings, engine) -> None:
     import uvicorn
+
     from api.app import create_app
 
     application = create_app(settings, engine)
@@ -197,6 +198,96 @@ def demo(
     )
     if serve_api:
         _serve(settings, engine)
+
+
+@app.command()
+def rebuild(
+    sources: Annotated[
+        list[str],
+        typer.Option(
+            "--from",
+            help="store, kafka, or a JSON-lines file (repeat --from for several files)",
+        ),
+    ],
+    database_url: DatabaseUrl = None,
+    discard: Annotated[
+        bool, typer.Option(help="Drop an interrupted rebuild instead of resuming it")
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Events per transaction")
+    ] = 20000,
+) -> None:
+    """Build a new projection beside the live one, then switch readers to it.
+
+    With kafka or files, their events are first added to the event store (and to
+    the live projection, as a replay does); the new projection is then built from
+    the event store.
+    """
+    from consumer.replay import replay_files, replay_values
+    from consumer.topic_reader import read_topic
+    from license_report.progress import progress
+    from projections.rebuild import rebuild_from_store
+
+    settings = _settings(database_url=database_url)
+    if (
+        "store" in sources
+        and len(sources) > 1
+        or "kafka" in sources
+        and len(sources) > 1
+    ):
+        _fail("--from store and --from kafka cannot be combined with other sources")
+    files = [source for source in sources if source not in ("store", "kafka")]
+    for path in files:
+        if path != "-" and not Path(path).is_file():
+            _fail(f"--from {path}: file not found; use store, kafka or a file path")
+    engine = _engine(settings)
+    if sources == ["kafka"]:
+        replay_values(engine, read_topic(settings))
+    elif files:
+        replay_files(engine, files)
+    with progress("rebuild") as report:
+        result = rebuild_from_store(
+            engine,
+            batch_size=batch_size,
+            discard=discard,
+            progress=report,
+            source=",".join(sources),
+        )
+    rate = result.events / max(result.seconds, 1e-9)
+    typer.echo(
+        f"projection {result.version} is live (was {result.previous_version}): "
+        f"{result.events} events in {result.seconds:.1f} s, {rate:.0f} events/s"
+    )
+
+
+@app.command()
+def verify(
+    database_url: DatabaseUrl = None,
+    max_differences: Annotated[
+        int, typer.Option(min=1, help="Differences to show per table and side")
+    ] = 20,
+) -> None:
+    """Recompute the projection from the event store and compare it row by row.
+
+    Exits with status 1 when the live projection differs.
+    """
+    from projections.verify import verify as verify_projection
+
+    settings = _settings(database_url=database_url)
+    result = verify_projection(_engine(settings), max_differences=max_differences)
+    for difference in result.differences:
+        typer.echo(f"only in {difference.side}: {difference.table} {difference.row}")
+    if result.differences:
+        typer.echo(
+            f"projection {result.live_version} differs from the event store "
+            f"({len(result.differences)} rows shown)",
+            err=True,
+        )
+        raise typer.Exit(code=1)
+    typer.echo(
+        f"projection {result.live_version} matches the {result.events} events "
+        "in the event store"
+    )
 
 
 @app.command("dead-letters")
