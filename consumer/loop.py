@@ -7,6 +7,7 @@ offsets committed to Kafka exist only for monitoring tools.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterable
 
+import prometheus_client
 from kafka import (
     ConsumerRebalanceListener,
     KafkaConsumer,
@@ -25,9 +27,10 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from consumer.batch import decode_values
+from license_report import metrics
 from license_report.settings import Settings
 from projections import schema
-from projections.apply import apply_batch
+from projections.apply import OffsetsFenced, OffsetUpdate, apply_batch
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ class LicenseEventConsumer:
         self.stopping = threading.Event()
         self._kafka: KafkaConsumer | None = None
         self._failures = 0
+        # The stored next offset per partition this process last read or wrote;
+        # None when the database has no row for the partition yet.
+        self.expected: dict[TopicPartition, int | None] = {}
 
     def run(self) -> None:
         """Consume until ``stop()`` is called or SIGTERM/SIGINT arrives."""
@@ -67,6 +73,15 @@ class LicenseEventConsumer:
             max_poll_records=settings.batch_max_records,
         )
         self._kafka.subscribe([settings.kafka_topic], listener=_Rebalance(self))
+        if settings.metrics_port:
+            prometheus_client.start_http_server(
+                settings.metrics_port, addr=settings.metrics_host
+            )
+            logger.info(
+                "metrics served host=%s port=%d",
+                settings.metrics_host,
+                settings.metrics_port,
+            )
         try:
             while not self.stopping.is_set():
                 records = self._kafka.poll(
@@ -75,6 +90,7 @@ class LicenseEventConsumer:
                 )
                 if records:
                     self._process(records)
+                self._record_lag()
         finally:
             self._kafka.close(autocommit=False)
             logger.info("consumer stopped group_id=%s", settings.kafka_group_id)
@@ -124,7 +140,9 @@ class LicenseEventConsumer:
         decoded = decode_values(values)
         group_id = self.settings.kafka_group_id
         offsets = {
-            (group_id, tp.topic, tp.partition): batch[-1].offset + 1
+            (group_id, tp.topic, tp.partition): OffsetUpdate(
+                self.expected.get(tp), batch[-1].offset + 1
+            )
             for tp, batch in records.items()
         }
         try:
@@ -132,12 +150,19 @@ class LicenseEventConsumer:
                 result = apply_batch(
                     conn, decoded.events, decoded.dead_letters, offsets
                 )
+        except OffsetsFenced as fenced:
+            self._resync(records, fenced)
+            return
         except (OperationalError, DBAPIError) as error:
+            metrics.BATCH_RETRIES.labels(reason="database").inc()
             self._rewind(records)
             self._back_off(error, offsets)
             return
 
         self._failures = 0
+        for tp, update_ in zip(records, offsets.values(), strict=True):
+            self.expected[tp] = update_.next_offset
+        self._record(result, time.monotonic() - started)
         logger.info(
             "batch applied records=%d applied=%d duplicates=%d dead_letters=%d "
             "seconds=%.3f",
@@ -148,6 +173,46 @@ class LicenseEventConsumer:
             time.monotonic() - started,
         )
         self._commit_to_kafka(records)
+
+    def _record(self, result, seconds: float) -> None:
+        metrics.BATCH_SECONDS.observe(seconds)
+        for event_type, count in result.applied.items():
+            metrics.EVENTS_APPLIED.labels(type=event_type).inc(count)
+        metrics.DUPLICATES.inc(result.duplicates)
+        metrics.DEAD_LETTERS.inc(result.dead_letters)
+        if result.newest_time_us is not None:
+            metrics.record_newest_event(result.newest_time_us)
+
+    def _record_lag(self) -> None:
+        for tp in self._kafka.assignment():
+            highwater = self._kafka.highwater(tp)
+            if highwater is None:
+                continue
+            position = self._kafka.position(tp, timeout_ms=0)
+            if position is None:
+                continue
+            lag = max(0, highwater - position)
+            metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=tp.partition).set(lag)
+
+    def _resync(
+        self, records: dict[TopicPartition, list], fenced: OffsetsFenced
+    ) -> None:
+        """Drop a batch another consumer got to first; resume from stored offsets."""
+        metrics.BATCH_RETRIES.labels(reason="fenced").inc()
+        logger.warning("batch dropped, %s", fenced)
+        partitions = set(records)
+        try:
+            stored = self.stored_offsets(partitions)
+        except (OperationalError, DBAPIError) as error:
+            self._rewind(records)
+            self._back_off(error, {})
+            return
+        for tp in partitions:
+            self.expected[tp] = stored.get(tp)
+            if tp in stored:
+                self._kafka.seek(tp, stored[tp])
+            else:
+                self._kafka.seek(tp, records[tp][0].offset)
 
     def _rewind(self, records: dict[TopicPartition, list]) -> None:
         """Seek back to the first record of each partition so it is polled again."""
@@ -198,6 +263,10 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Batches are applied between polls, so no work is in flight here.
         logger.info("partitions revoked partitions=%s", _names(revoked))
+        for tp in revoked:
+            self.consumer.expected.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         logger.info("partitions assigned partitions=%s", _names(assigned))
@@ -208,13 +277,18 @@ class _Rebalance(ConsumerRebalanceListener):
             stored = self.consumer.stored_offsets(assigned)
         except (OperationalError, DBAPIError) as error:
             # Kafka's committed offsets are never ahead of the database's, and
-            # the event store drops events applied before, so this is safe.
+            # the event store drops events applied before, so resuming there
+            # is safe. The first batch then fails its offset check and resyncs
+            # from the database once it answers again.
             logger.warning(
                 "stored offsets unavailable, resuming from Kafka's error=%s",
                 _one_line(error),
             )
+            for tp in assigned:
+                self.consumer.expected[tp] = -1
             return
         for tp in assigned:
+            self.consumer.expected[tp] = stored.get(tp)
             if tp in stored:
                 kafka.seek(tp, stored[tp])
                 logger.info(

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     api_keys: SecretStr = SecretStr("{}")
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, gt=0, lt=65536)
+    # The consumer's Prometheus endpoint; port 0 turns it off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9464, ge=0, lt=65536)
     log_level: str = "INFO"
 
     @field_validator("api_keys")

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, case, func, tuple_
 
 from consumer.events import Event
 from consumer.timestamps import now_us
+from license_report.errors import LicenseReportError
 from projections import schema
 from projections.ordering import (
     ALLOCATED,
@@ -52,6 +53,31 @@ class DeadLetter:
     reason: str
 
 
+# (group id, topic, partition)
+OffsetKey = tuple[str, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetUpdate:
+    """Move a stored offset from ``expected`` (None: no row yet) to ``next_offset``."""
+
+    expected: int | None
+    next_offset: int
+
+
+class OffsetsFenced(LicenseReportError):
+    """Another consumer stored offsets for the partition since this one read them."""
+
+    def __init__(self, group_id: str, topic: str, partition: int, expected: int | None):
+        super().__init__(
+            f"stored offset moved: group_id={group_id} topic={topic} "
+            f"partition={partition} expected={expected}; the partition was "
+            "reassigned to another consumer"
+        )
+        self.topic = topic
+        self.partition = partition
+
+
 @dataclass(slots=True)
 class BatchResult:
     """What one applied batch changed."""
@@ -59,32 +85,36 @@ class BatchResult:
     applied: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     dead_letters: int = 0
+    # Time of the newest newly applied event, if any.
+    newest_time_us: int | None = None
 
 
 def apply_batch(
     conn: Connection,
     incoming: Sequence[IncomingEvent],
     dead_letters: Sequence[DeadLetter] = (),
-    offsets: Mapping[tuple[str, str, int], int] | None = None,
+    offsets: Mapping[OffsetKey, OffsetUpdate] | None = None,
 ) -> BatchResult:
     """Store and project a batch inside the caller's transaction.
 
-    ``offsets`` maps (group id, topic, partition) to the next offset to consume;
-    they are stored in the same transaction, so the batch and its offsets
-    commit or roll back together.
+    ``offsets`` are stored in the same transaction, so the batch and its
+    offsets commit or roll back together. Raises OffsetsFenced when another
+    consumer stored offsets for one of the partitions first.
     """
     result = BatchResult(dead_letters=len(dead_letters))
     projection = live_projection(conn, lock=True)
+    if offsets:
+        # First, so a fenced consumer fails before it writes anything.
+        _store_offsets(conn, offsets)
     new_events = store_events(conn, incoming)
     result.duplicates = len(incoming) - len(new_events)
 
     if new_events:
         project_events(conn, projection, new_events)
         result.applied.update(event.type for event, _ in new_events)
+        result.newest_time_us = max(event.time_us for event, _ in new_events)
     if dead_letters:
         _store_dead_letters(conn, dead_letters)
-    if offsets:
-        _store_offsets(conn, offsets)
     return result
 
 
@@ -403,32 +433,41 @@ def _store_dead_letters(conn: Connection, dead_letters: Sequence[DeadLetter]) ->
     )
 
 
-def _store_offsets(
-    conn: Connection, offsets: Mapping[tuple[str, str, int], int]
-) -> None:
+def _store_offsets(conn: Connection, offsets: Mapping[OffsetKey, OffsetUpdate]) -> None:
+    """Advance stored offsets, failing if another consumer moved them first.
+
+    Each update is a compare-and-set on the offset this consumer last stored or
+    resumed from, so a consumer that lost a partition in a rebalance cannot
+    commit a batch for it afterwards.
+    """
     table = schema.consumer_offsets
-    statement = insert(conn, table)
-    statement = statement.on_conflict_do_update(
-        index_elements=[table.c.group_id, table.c.topic, table.c.partition],
-        set_={
-            "next_offset": statement.excluded.next_offset,
-            "updated_at_us": statement.excluded.updated_at_us,
-        },
-    )
     updated_at = now_us()
-    conn.execute(
-        statement,
-        [
-            {
-                "group_id": group_id,
-                "topic": topic,
-                "partition": partition,
-                "next_offset": next_offset,
-                "updated_at_us": updated_at,
-            }
-            for (group_id, topic, partition), next_offset in sorted(offsets.items())
-        ],
-    )
+    for (group_id, topic, partition), update_ in sorted(offsets.items()):
+        key = (
+            (table.c.group_id == group_id)
+            & (table.c.topic == topic)
+            & (table.c.partition == partition)
+        )
+        if update_.expected is None:
+            statement = (
+                insert(conn, table)
+                .values(
+                    group_id=group_id,
+                    topic=topic,
+                    partition=partition,
+                    next_offset=update_.next_offset,
+                    updated_at_us=updated_at,
+                )
+                .on_conflict_do_nothing()
+            )
+        else:
+            statement = (
+                table.update()
+                .where(key, table.c.next_offset == update_.expected)
+                .values(next_offset=update_.next_offset, updated_at_us=updated_at)
+            )
+        if conn.execute(statement).rowcount != 1:
+            raise OffsetsFenced(group_id, topic, partition, update_.expected)
 
 
 def _update_state(

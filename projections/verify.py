@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, Table, select
 
-from projections.registry import tables
 from projections.rebuild import (
     DEFAULT_BATCH_SIZE,
     create_version,
@@ -16,6 +15,7 @@ from projections.rebuild import (
     lock_live,
     max_position,
 )
+from projections.registry import tables
 from projections.schema import Projection
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ def verify(
             result = VerifyResult(live_version, events)
             live = tables(live_version)
             for name in COMPARED:
-                result.differences += _compare(conn, live, scratch, name, max_differences)
+                found = _compare(conn, live, scratch, name, max_differences)
+                result.differences += found
     finally:
         with engine.begin() as conn:
             drop_version(conn, scratch.version)
