@@ -290,12 +290,23 @@ def verify(
     )
 
 
-@app.command("dead-letters")
+dead_letters_app = typer.Typer(
+    help="List rejected events, or re-drive them after a fix.",
+    invoke_without_command=True,
+)
+app.add_typer(dead_letters_app, name="dead-letters")
+
+
+@dead_letters_app.callback()
 def dead_letters(
+    context: typer.Context,
     database_url: DatabaseUrl = None,
     limit: Annotated[int, typer.Option(min=1, help="Rows to show, newest first")] = 50,
 ) -> None:
     """List rejected events with the reason each was rejected."""
+    if context.invoked_subcommand is not None:
+        context.obj = database_url
+        return
     from sqlalchemy import select
 
     from consumer.timestamps import format_us
@@ -307,9 +318,31 @@ def dead_letters(
     with _engine(settings).connect() as conn:
         for row in conn.execute(query):
             where = f"{row.origin} partition={row.partition} offset={row.offset}"
+            state = f"redriven as {row.redriven_event_id}" if row.redriven_at_us else ""
             typer.echo(
                 f"{row.id}\t{format_us(row.received_at_us)}\t{where}\t{row.reason}"
+                + (f"\t{state}" if state else "")
             )
+
+
+@dead_letters_app.command("redrive")
+def redrive_dead_letters(
+    context: typer.Context,
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Dead letter ids; all when omitted")
+    ] = None,
+) -> None:
+    """Decode dead letters again and apply the ones that are now accepted."""
+    from consumer.redrive import redrive
+
+    settings = _settings(database_url=context.obj)
+    result = redrive(_engine(settings), ids or ())
+    for letter_id, reason in result.still_rejected:
+        typer.echo(f"{letter_id}\tstill rejected\t{reason}")
+    typer.echo(
+        f"accepted={result.accepted} applied={result.applied} "
+        f"still_rejected={len(result.still_rejected)}"
+    )
 
 
 if __name__ == "__main__":

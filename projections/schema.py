@@ -83,6 +83,9 @@ dead_letters = Table(
     Column("raw", LargeBinary, nullable=False),
     Column("reason", Text, nullable=False),
     Column("received_at_us", BigInteger, nullable=False),
+    # Set when a later re-drive accepted the event.
+    Column("redriven_at_us", BigInteger, nullable=True),
+    Column("redriven_event_id", String(255), nullable=True),
 )
 
 consumer_offsets = Table(
