@@ -345,5 +345,115 @@ def redrive_dead_letters(
     )
 
 
+@app.command("import-moodle-log")
+def import_moodle_log(
+    files: Annotated[
+        list[str],
+        typer.Argument(
+            help="Exports of logstore_standard_log: CSV with a header row, or JSON "
+            "lines"
+        ),
+    ],
+    database_url: DatabaseUrl = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per transaction")] = 5000,
+) -> None:
+    """Import IOMAD's license events from exports of Moodle's standard log."""
+    from consumer.moodle_import import MoodleImportError
+    from consumer.moodle_log import import_log_files
+
+    settings = _settings(database_url=database_url)
+    for path in files:
+        if not Path(path).is_file():
+            _fail(f"file not found: {path}")
+    try:
+        result = import_log_files(_engine(settings), files, batch_size=batch_size)
+    except MoodleImportError as error:
+        _fail(str(error))
+    typer.echo(
+        f"rows={result.rows} skipped={result.skipped} applied={result.applied} "
+        f"duplicates={result.duplicates} dead_letters={result.dead_letters}"
+    )
+
+
+@app.command("import-moodle-reference")
+def import_moodle_reference(
+    users: Annotated[
+        str | None,
+        typer.Option(help="Export of Moodle's user table, CSV or JSON lines"),
+    ] = None,
+    company_users: Annotated[
+        str | None,
+        typer.Option(help="Export of Moodle's company_users table, CSV or JSON lines"),
+    ] = None,
+    departments: Annotated[
+        str | None,
+        typer.Option(help="Export of Moodle's department table, CSV or JSON lines"),
+    ] = None,
+    licenses: Annotated[
+        str | None,
+        typer.Option(help="Export of Moodle's companylicense table, CSV or JSON lines"),
+    ] = None,
+    courses: Annotated[
+        str | None,
+        typer.Option(help="Export of Moodle's course table, CSV or JSON lines"),
+    ] = None,
+    companies: Annotated[
+        str | None,
+        typer.Option(help="Export of Moodle's company table, CSV or JSON lines"),
+    ] = None,
+    exported_at: Annotated[
+        str | None,
+        typer.Option(
+            help="RFC 3339 time of the export, used as the event time of rows "
+            "without a timemodified (default: the time the import starts)"
+        ),
+    ] = None,
+    database_url: DatabaseUrl = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per transaction")] = 5000,
+) -> None:
+    """Import users, departments, licenses, courses and companies from Moodle."""
+    from consumer.moodle_import import MoodleImportError
+    from consumer.moodle_reference import import_reference_files
+    from consumer.timestamps import parse_rfc3339
+
+    settings = _settings(database_url=database_url)
+    exports = {
+        "user": users,
+        "company_users": company_users,
+        "department": departments,
+        "companylicense": licenses,
+        "course": courses,
+        "company": companies,
+    }
+    files = {table: path for table, path in exports.items() if path is not None}
+    if not files:
+        _fail(
+            "no export given; pass at least one of --users, --company-users, "
+            "--departments, --licenses, --courses, --companies"
+        )
+    for path in files.values():
+        if not Path(path).is_file():
+            _fail(f"file not found: {path}")
+    default_time_us = None
+    if exported_at is not None:
+        try:
+            default_time_us = parse_rfc3339(exported_at)
+        except ValueError as error:
+            _fail(f"invalid --exported-at: {error}")
+    try:
+        result = import_reference_files(
+            _engine(settings),
+            files,
+            batch_size=batch_size,
+            default_time_us=default_time_us,
+        )
+    except MoodleImportError as error:
+        _fail(str(error))
+    typer.echo(
+        f"rows={result.rows} applied={result.applied} "
+        f"duplicates={result.duplicates} dead_letters={result.dead_letters}"
+    )
+
+
 if __name__ == "__main__":
     app()
