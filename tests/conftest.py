@@ -64,3 +64,21 @@ def _migrate(url: str) -> None:
         upgrade(engine)
     finally:
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory):
+    """A Kafka-protocol broker (Tansu, in memory) on a free loopback port.
+
+    One broker serves the whole session, so each test should use its own topics
+    and consumer group ids. The broker's output goes to broker.log in the
+    fixture's temporary directory.
+    """
+    from tests.kafka_broker import KafkaBroker
+
+    log_path = tmp_path_factory.mktemp("kafka") / "broker.log"
+    broker = KafkaBroker.start(log_path)
+    try:
+        yield broker
+    finally:
+        broker.stop()
