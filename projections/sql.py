@@ -33,8 +33,15 @@ def make_engine(url: str, **options: Any) -> Engine:
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the API read while the consumer writes; the busy timeout makes
     # concurrent writers wait instead of failing at once.
+    # SQLite's own lower() folds ASCII letters only; Python's folds all of them,
+    # as PostgreSQL's does in a UTF-8 database.
+    dbapi_connection.create_function("lower", 1, _lower, deterministic=True)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
