@@ -1,0 +1,84 @@
+"""The FastAPI application that serves the report from the projection tables.
+
+Run it with ``uvicorn --factory api.app:app_from_environment``, which reads the
+``LICENSE_REPORT_`` settings from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+
+from api import reference, report
+from api.auth import KeyRing
+from api.database import prepare_engine
+from api.errors import JsonResponse, install_error_handlers
+from license_report.settings import Settings
+from projections.migrate import check_current
+from projections.sql import make_engine
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Build the application.
+
+    Without ``engine`` the app creates one from ``settings.database_url`` and
+    disposes of it at shutdown. A given engine stays the caller's to dispose.
+    Startup raises SchemaOutOfDate unless the schema and the live projection are
+    current.
+    """
+    owns_engine = engine is None
+    if engine is None:
+        engine = make_engine(settings.database_url)
+    prepare_engine(engine)
+    key_ring = KeyRing(settings.key_scopes())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(check_current, engine)
+        if not key_ring:
+            logger.warning(
+                "no API keys are configured in LICENSE_REPORT_API_KEYS, so every "
+                "report request is rejected with 401"
+            )
+        logger.info(
+            "API started database=%s api_keys=%d", engine.dialect.name, len(key_ring)
+        )
+        try:
+            yield
+        finally:
+            if owns_engine:
+                engine.dispose()
+            logger.info("API stopped")
+
+    app = FastAPI(
+        title="license-report",
+        lifespan=lifespan,
+        # The API documentation would be served without a key, so it is off.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.engine = engine
+    app.state.key_ring = key_ring
+    install_error_handlers(app)
+    app.include_router(report.router)
+    app.include_router(reference.router)
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    return app
+
+
+def healthz() -> JsonResponse:
+    """Return ``{"status": "ok"}`` without touching the database (a liveness check)."""
+    return JsonResponse({"status": "ok"})
+
+
+def app_from_environment() -> FastAPI:
+    """Build the application from the ``LICENSE_REPORT_`` environment settings."""
+    return create_app(Settings())

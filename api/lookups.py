@@ -1,0 +1,123 @@
+"""Checks that a request's ids name known records, and the projection's freshness.
+
+``id_checks`` returns uncorrelated subqueries, so a caller can add them to a
+statement it runs anyway (the report adds them to its count) and save a query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, exists, false, select
+
+from api.errors import not_found
+from consumer.timestamps import format_us
+from projections.apply import STATE_ROW
+from projections.schema import Projection
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """The projection's newest event time and last update, as RFC 3339 UTC or None."""
+
+    newest_event_time: str | None
+    updated_at: str | None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {
+            "newest_event_time": self.newest_event_time,
+            "updated_at": self.updated_at,
+        }
+
+
+def id_checks(
+    tables: Projection,
+    company_id: int,
+    license_id: int | None = None,
+    department_id: int | None = None,
+) -> list[ColumnElement]:
+    """Return labelled columns that ``verify_ids`` reads from a result row.
+
+    The subqueries use aliases, so they never correlate with the tables of a
+    statement they are added to.
+    """
+    state = tables.state
+    columns = [
+        _state_value(state, state.c.newest_event_time_us, "newest_event_time_us"),
+        _state_value(state, state.c.applied_at_us, "applied_at_us"),
+        exists()
+        .where(tables.companies.alias().c.company_id == company_id)
+        .label("company_known"),
+    ]
+    if license_id is not None:
+        license_ = tables.licenses.alias()
+        known = exists().where(
+            license_.c.license_id == license_id,
+            license_.c.company_id == company_id,
+            license_.c.deleted == false(),
+        )
+        columns.append(known.label("license_known"))
+    if department_id is not None:
+        department = tables.departments.alias()
+        known = exists().where(
+            department.c.department_id == department_id,
+            department.c.company_id == company_id,
+            department.c.deleted == false(),
+        )
+        columns.append(known.label("department_known"))
+    return columns
+
+
+def _state_value(state, column, label: str) -> ColumnElement:
+    query = select(column).where(state.c.name == STATE_ROW)
+    return query.scalar_subquery().label(label)
+
+
+def verify_ids(
+    row: Mapping[str, Any],
+    company_id: int,
+    license_id: int | None = None,
+    department_id: int | None = None,
+) -> Freshness:
+    """Raise 404 unless the company is known and the ids are its own.
+
+    A license or department counts only while it is not deleted. Returns the
+    projection's freshness from the same row.
+    """
+    if not row["company_known"]:
+        raise not_found(
+            "company_id", f"company {company_id} is not known", location="path"
+        )
+    if license_id is not None and not row["license_known"]:
+        raise not_found(
+            "license_id",
+            f"license_id {license_id} is not a license of company {company_id}",
+        )
+    if department_id is not None and not row["department_known"]:
+        raise not_found(
+            "department_id",
+            f"department_id {department_id} is not a department of company "
+            f"{company_id}",
+        )
+    return Freshness(
+        _format_optional(row["newest_event_time_us"]),
+        _format_optional(row["applied_at_us"]),
+    )
+
+
+def check_ids(
+    conn: Connection,
+    tables: Projection,
+    company_id: int,
+    license_id: int | None = None,
+) -> Freshness:
+    """Run the id checks as one statement and raise 404 as ``verify_ids`` does."""
+    statement = select(*id_checks(tables, company_id, license_id))
+    row = conn.execute(statement).mappings().one()
+    return verify_ids(row, company_id, license_id)
+
+
+def _format_optional(micros: int | None) -> str | None:
+    return None if micros is None else format_us(micros)

@@ -1,0 +1,144 @@
+"""The license allocations report endpoint.
+
+A request runs at most three queries, all in one snapshot: the live projection
+version; the count, which also checks the request's ids and reads the
+projection's freshness; and the page. The page query selects the keys of the
+page's rows in a subquery, then collects the department names and event dates
+of those rows into JSON arrays with correlated subqueries. It is skipped when
+the page lies past the last row.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends
+from sqlalchemy import Connection, Engine, RowMapping, Select, Subquery, func, select
+
+from api.auth import AuthorizedCompany
+from api.database import get_engine, live_snapshot
+from api.errors import JsonResponse
+from api.lookups import Freshness, id_checks, verify_ids
+from api.params import ReportQuery, report_query
+from api.report_sql import ReportSql, page_order
+from consumer.timestamps import format_us
+from projections.ordering import ALLOCATED, UNALLOCATED
+from projections.schema import Projection
+
+router = APIRouter()
+
+
+@router.get("/v1/companies/{company_id}/license-allocations")
+def get_license_allocations(
+    company_id: AuthorizedCompany,
+    query: Annotated[ReportQuery, Depends(report_query)],
+    engine: Annotated[Engine, Depends(get_engine)],
+) -> JsonResponse:
+    """Return one page of the company's license allocations report."""
+    with live_snapshot(engine) as (conn, tables):
+        total, rows, freshness = fetch_report(conn, tables, company_id, query)
+    body = {
+        "company_id": company_id,
+        "total": total,
+        "page": query.page,
+        "per_page": query.per_page,
+        "rows": rows,
+        **freshness.to_json(),
+    }
+    return JsonResponse(body)
+
+
+def fetch_report(
+    conn: Connection, tables: Projection, company_id: int, query: ReportQuery
+) -> tuple[int, list[dict[str, Any]], Freshness]:
+    """Return the number of matching rows, the page's rows and the freshness.
+
+    Raises 404 (ApiError) for an unknown company or a license_id or
+    department_id that is not the company's.
+    """
+    report = ReportSql(tables, company_id)
+    source, conditions = report.visible(query.include_suspended, query.department_id)
+    conditions.extend(report.filters(query))
+    checks = id_checks(tables, company_id, query.license_id, query.department_id)
+    count = select(func.count().label("total"), *checks)
+    result = conn.execute(count.select_from(source).where(*conditions))
+    counted = result.mappings().one()
+    freshness = verify_ids(counted, company_id, query.license_id, query.department_id)
+    total = counted["total"]
+    if query.offset >= total:
+        return total, [], freshness
+
+    keys = report.page_keys(query, source, conditions)
+    page = _page(report, keys).order_by(*page_order(keys.c, query.descending))
+    rows = [_row_json(row) for row in conn.execute(page).mappings()]
+    return total, rows, freshness
+
+
+def _page(report: ReportSql, keys: Subquery) -> Select:
+    """Select the columns of the page's rows, with departments and dates as JSON."""
+    t = report.tables
+    allocation, user = t.license_allocations, t.users
+    source = (
+        keys.join(
+            allocation,
+            (allocation.c.user_id == keys.c.user_id)
+            & (allocation.c.license_id == keys.c.license_id)
+            & (allocation.c.course_id == keys.c.course_id),
+        )
+        .join(t.licenses, t.licenses.c.license_id == allocation.c.license_id)
+        .join(user, user.c.user_id == allocation.c.user_id)
+        .outerjoin(t.courses, t.courses.c.course_id == allocation.c.course_id)
+    )
+    return select(
+        allocation.c.user_id,
+        user.c.firstname,
+        user.c.lastname,
+        user.c.email,
+        report.department_names().label("departments"),
+        allocation.c.license_id,
+        t.licenses.c.name.label("license_name"),
+        t.licenses.c.reusable,
+        allocation.c.course_id,
+        t.courses.c.name.label("course_name"),
+        allocation.c.allocated,
+        report.event_times(ALLOCATED).label("dates_allocated"),
+        report.event_times(UNALLOCATED).label("dates_unallocated"),
+        allocation.c.allocations,
+        allocation.c.unallocations,
+    ).select_from(source)
+
+
+def _row_json(row: RowMapping) -> dict[str, Any]:
+    departments = sorted(_json_array(row["departments"]), key=department_sort_key)
+    return {
+        "user_id": row["user_id"],
+        "firstname": row["firstname"],
+        "lastname": row["lastname"],
+        "email": row["email"],
+        "departments": departments,
+        "license_id": row["license_id"],
+        "license_name": row["license_name"],
+        "reusable": row["reusable"],
+        "course_id": row["course_id"],
+        "course_name": row["course_name"],
+        "allocated": row["allocated"],
+        "dates_allocated": _dates(row["dates_allocated"]),
+        "dates_unallocated": _dates(row["dates_unallocated"]),
+        "allocations": row["allocations"],
+        "unallocations": row["unallocations"],
+    }
+
+
+def department_sort_key(name: str) -> tuple[str, str]:
+    """Order department names case-insensitively, as the department sort does."""
+    return (name.lower(), name)
+
+
+def _json_array(text: str | None) -> list[Any]:
+    # PostgreSQL's json_agg returns NULL for no rows, SQLite's json_group_array "[]".
+    return [] if text is None else orjson.loads(text)
+
+
+def _dates(text: str | None) -> list[str]:
+    return [format_us(micros) for micros in sorted(_json_array(text))]

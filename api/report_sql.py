@@ -1,0 +1,309 @@
+"""SQL of the license allocations report: visibility, filters, order and page keys.
+
+The correlated subqueries refer to the ``license_allocations`` table of the
+statement that contains them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    ColumnElement,
+    FromClause,
+    Subquery,
+    case,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+    true,
+)
+
+from api.database import JsonArrayAgg, UnicodeLower
+from api.params import InstantRange, ReportQuery
+from projections.ordering import ALLOCATED, UNALLOCATED
+from projections.schema import Projection
+
+_LIKE_ESCAPE = "\\"
+
+
+class ReportSql:
+    """The report's SQL for one company over one projection version's tables."""
+
+    def __init__(self, tables: Projection, company_id: int) -> None:
+        self.tables = tables
+        self.company_id = company_id
+
+    def visible(
+        self, include_suspended: bool, department_id: int | None = None
+    ) -> tuple[FromClause, list[ColumnElement[bool]]]:
+        """Return the joined tables and conditions of the company's report rows.
+
+        A row is visible when its license is the company's and not deleted, and
+        its user is known, not deleted, not suspended (unless included) and an
+        assigned member of the company. The course may be unknown. With
+        ``department_id``, the user must also be assigned to that department or
+        one below it.
+        """
+        t = self.tables
+        allocation, user = t.license_allocations, t.users
+        members = self._members(department_id)
+        source = (
+            allocation.join(
+                t.licenses, t.licenses.c.license_id == allocation.c.license_id
+            )
+            .join(user, user.c.user_id == allocation.c.user_id)
+            .join(members, members.c.user_id == allocation.c.user_id)
+            .outerjoin(t.courses, t.courses.c.course_id == allocation.c.course_id)
+        )
+        conditions = [
+            t.licenses.c.company_id == self.company_id,
+            t.licenses.c.deleted == false(),
+            user.c.deleted == false(),
+        ]
+        if not include_suspended:
+            conditions.append(user.c.suspended == false())
+        return source, conditions
+
+    def _members(self, department_id: int | None):
+        """Return a derived table of the distinct user ids assigned to the company.
+
+        With ``department_id``, only users assigned to that department or one
+        below it. A join to it replaces an EXISTS semi-join, which PostgreSQL 15
+        estimated at a few rows and ran as nested loops: counting 60,000 rows
+        took 450 ms that way and 33 ms with the join, in a local test.
+        """
+        membership = self.tables.memberships
+        members = select(membership.c.user_id).where(
+            membership.c.company_id == self.company_id,
+            membership.c.assigned == true(),
+        )
+        if department_id is not None:
+            subtree = self._department_subtree(department_id)
+            members = members.where(
+                membership.c.department_id.in_(select(subtree.c.department_id))
+            )
+        return members.distinct().subquery("company_members")
+
+    def filters(self, query: ReportQuery) -> list[ColumnElement[bool]]:
+        """Return the conditions of the request's filters but department_id.
+
+        ``visible`` applies department_id, because it changes the joins.
+        """
+        allocation = self.tables.license_allocations
+        conditions: list[ColumnElement[bool]] = []
+        if query.license_id is not None:
+            conditions.append(allocation.c.license_id == query.license_id)
+        if query.course_id is not None:
+            conditions.append(allocation.c.course_id == query.course_id)
+        if query.allocated is not None:
+            conditions.append(allocation.c.allocated == query.allocated)
+        conditions.extend(self._name_filters(query))
+        if query.allocated_range is not None:
+            conditions.append(self._has_event_in(ALLOCATED, query.allocated_range))
+        if query.unallocated_range is not None:
+            conditions.append(self._has_event_in(UNALLOCATED, query.unallocated_range))
+        return conditions
+
+    def _department_subtree(self, department_id: int):
+        """Return a recursive CTE of the department and the live departments below it.
+
+        UNION drops rows already found, so a cycle of parent ids still ends.
+        """
+        department = self.tables.departments
+        top = (
+            select(department.c.department_id)
+            .where(
+                department.c.department_id == department_id,
+                department.c.company_id == self.company_id,
+                department.c.deleted == false(),
+            )
+            .cte("department_subtree", recursive=True)
+        )
+        child = department.alias("child_department")
+        below = (
+            select(child.c.department_id)
+            .join(top, child.c.parent_id == top.c.department_id)
+            .where(child.c.company_id == self.company_id, child.c.deleted == false())
+        )
+        return top.union(below)
+
+    def _name_filters(self, query: ReportQuery) -> list[ColumnElement[bool]]:
+        user = self.tables.users
+        conditions = []
+        if query.first_initial is not None:
+            conditions.append(_starts_with(user.c.firstname, query.first_initial))
+        if query.last_initial is not None:
+            conditions.append(_starts_with(user.c.lastname, query.last_initial))
+        if query.firstname is not None:
+            conditions.append(_contains(user.c.firstname, query.firstname))
+        if query.lastname is not None:
+            conditions.append(_contains(user.c.lastname, query.lastname))
+        if query.email is not None:
+            conditions.append(_contains(user.c.email, query.email))
+        if query.search is not None:
+            full_name = user.c.firstname + " " + user.c.lastname
+            columns = (user.c.firstname, user.c.lastname, full_name, user.c.email)
+            matches = [_contains(column, query.search) for column in columns]
+            conditions.append(or_(*matches))
+        return conditions
+
+    def _has_event_in(self, action: int, instants: InstantRange):
+        event = self.tables.license_events
+        conditions = [*self._same_row(event), event.c.action == action]
+        if instants.start_us is not None:
+            conditions.append(event.c.at_us >= instants.start_us)
+        if instants.end_us is not None:
+            conditions.append(event.c.at_us < instants.end_us)
+        return exists().where(*conditions)
+
+    def _same_row(self, table) -> list[ColumnElement[bool]]:
+        allocation = self.tables.license_allocations
+        return [
+            table.c.user_id == allocation.c.user_id,
+            table.c.license_id == allocation.c.license_id,
+            table.c.course_id == allocation.c.course_id,
+        ]
+
+    def event_times(self, action: int):
+        """Return a scalar subquery: the JSON array of the row's ``action`` instants."""
+        event = self.tables.license_events
+        return (
+            select(JsonArrayAgg(event.c.at_us))
+            .where(*self._same_row(event), event.c.action == action)
+            .scalar_subquery()
+        )
+
+    def department_names(self):
+        """Return a scalar subquery: the JSON array of the user's department names."""
+        t = self.tables
+        membership, department = t.memberships, t.departments
+        joined = membership.join(
+            department, department.c.department_id == membership.c.department_id
+        )
+        return (
+            select(JsonArrayAgg(department.c.name))
+            .select_from(joined)
+            .where(
+                membership.c.user_id == t.license_allocations.c.user_id,
+                membership.c.company_id == self.company_id,
+                membership.c.assigned == true(),
+                department.c.company_id == self.company_id,
+                department.c.deleted == false(),
+                department.c.name.is_not(None),
+            )
+            .scalar_subquery()
+        )
+
+    def page_keys(
+        self, query: ReportQuery, source: FromClause, conditions: list
+    ) -> Subquery:
+        """Select the primary keys and sort values of the requested page's rows.
+
+        The page's other columns are joined to this subquery afterwards, so
+        their correlated subqueries run for the page's rows only, not for the
+        rows that OFFSET skips.
+        """
+        allocation, user = self.tables.license_allocations, self.tables.users
+        sort_value, source = self._sort_value(query.sort, source)
+        columns = [
+            allocation.c.user_id,
+            allocation.c.license_id,
+            allocation.c.course_id,
+            sort_value.label("sort_value"),
+            UnicodeLower(user.c.lastname).label("lastname_key"),
+            UnicodeLower(user.c.firstname).label("firstname_key"),
+        ]
+        statement = select(*columns).select_from(source).where(*conditions)
+        ordering = page_order(statement.selected_columns, query.descending)
+        statement = statement.order_by(*ordering)
+        statement = statement.limit(query.per_page).offset(query.offset)
+        return statement.subquery("page_keys")
+
+    def _sort_value(
+        self, sort: str, source: FromClause
+    ) -> tuple[ColumnElement, FromClause]:
+        """Return the sort key's expression and the source it needs."""
+        t = self.tables
+        allocation, user = t.license_allocations, t.users
+        match sort:
+            case "lastname" | "firstname" | "email":
+                return UnicodeLower(user.c[sort]), source
+            case "department":
+                first = self._first_department_names()
+                joined = source.outerjoin(first, first.c.user_id == user.c.user_id)
+                return first.c.name_key, joined
+            case "license":
+                return UnicodeLower(t.licenses.c.name), source
+            case "course":
+                return UnicodeLower(t.courses.c.name), source
+            case "allocated" | "allocations" | "unallocations":
+                return allocation.c[sort], source
+            case "last_allocated" | "last_unallocated":
+                return allocation.c[f"{sort}_us"], source
+        raise ValueError(f"unknown sort key {sort!r}")
+
+    def _first_department_names(self) -> Subquery:
+        """Return, per user, the minimum lower-cased name of their live departments."""
+        membership, department = self.tables.memberships, self.tables.departments
+        joined = membership.join(
+            department, department.c.department_id == membership.c.department_id
+        )
+        name_key = func.min(UnicodeLower(department.c.name)).label("name_key")
+        return (
+            select(membership.c.user_id, name_key)
+            .select_from(joined)
+            .where(
+                membership.c.company_id == self.company_id,
+                membership.c.assigned == true(),
+                department.c.company_id == self.company_id,
+                department.c.deleted == false(),
+            )
+            .group_by(membership.c.user_id)
+            .subquery("first_departments")
+        )
+
+
+def page_order(keys, descending: bool) -> list[ColumnElement]:
+    """Return the ORDER BY clauses over the columns of ``page_keys``.
+
+    The sort value comes first, then the lower-cased last and first names, then
+    the primary key, which makes the order total, so pages never overlap.
+    NULL values sort last in both directions, on both databases. The
+    tie-breakers always ascend.
+    """
+    return [
+        *nulls_last(keys.sort_value, descending),
+        *nulls_last(keys.lastname_key),
+        *nulls_last(keys.firstname_key),
+        keys.user_id.asc(),
+        keys.license_id.asc(),
+        keys.course_id.asc(),
+    ]
+
+
+def nulls_last(
+    expression: ColumnElement, descending: bool = False
+) -> list[ColumnElement]:
+    """Return ORDER BY clauses that put NULL after every value in either direction."""
+    # SQLite puts NULL first in ascending order and PostgreSQL last, so a NULL
+    # flag sorts first and makes both databases agree.
+    null_flag = case((expression.is_(None), 1), else_=0)
+    direction = expression.desc() if descending else expression.asc()
+    return [null_flag.asc(), direction]
+
+
+def _escape_like(text: str) -> str:
+    for character in (_LIKE_ESCAPE, "%", "_"):
+        text = text.replace(character, _LIKE_ESCAPE + character)
+    return text
+
+
+def _starts_with(column, text: str) -> ColumnElement[bool]:
+    pattern = _escape_like(text.lower()) + "%"
+    return UnicodeLower(column).like(pattern, escape=_LIKE_ESCAPE)
+
+
+def _contains(column, text: str) -> ColumnElement[bool]:
+    pattern = "%" + _escape_like(text.lower()) + "%"
+    return UnicodeLower(column).like(pattern, escape=_LIKE_ESCAPE)
