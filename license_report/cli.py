@@ -190,14 +190,27 @@ def demo(
         f"{result.applied} events applied, {result.duplicates} duplicates, "
         f"{result.dead_letters} dead letters"
     )
+    companies = _company_ids(engine)
     base = f"http://{host}:{port}"
+    typer.echo(f"companies: {', '.join(map(str, companies))}")
     typer.echo(f"API key: {key}")
     typer.echo(
         f'try: curl -H "Authorization: Bearer {key}" '
-        f"{base}/v1/companies/1/license-allocations"
+        f"{base}/v1/companies/{companies[0] if companies else 1}/license-allocations"
     )
     if serve_api:
         _serve(settings, engine)
+
+
+def _company_ids(engine) -> list[int]:
+    from sqlalchemy import select
+
+    from projections.registry import live_projection
+
+    with engine.connect() as conn:
+        companies = live_projection(conn).companies
+        query = select(companies.c.company_id).order_by(companies.c.company_id)
+        return list(conn.execute(query).scalars())
 
 
 @app.command()
