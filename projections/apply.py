@@ -459,14 +459,17 @@ def _store_offsets(conn: Connection, offsets: Mapping[OffsetKey, OffsetUpdate]) 
                     updated_at_us=updated_at,
                 )
                 .on_conflict_do_nothing()
+                .returning(table.c.next_offset)
             )
         else:
             statement = (
                 table.update()
                 .where(key, table.c.next_offset == update_.expected)
                 .values(next_offset=update_.next_offset, updated_at_us=updated_at)
+                .returning(table.c.next_offset)
             )
-        if conn.execute(statement).rowcount != 1:
+        # RETURNING, because psycopg reports no rowcount for INSERT ... ON CONFLICT.
+        if conn.execute(statement).first() is None:
             raise OffsetsFenced(group_id, topic, partition, update_.expected)
 
 

@@ -37,6 +37,17 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def another_database(database_url: str, tmp_path) -> Iterator[str]:
+    """A second migrated, empty database of the same kind as ``database_url``."""
+    if database_url.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path / 'another.db'}"
+        _migrate(url)
+        yield url
+        return
+    yield from _postgres_database()
+
+
+@pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
     engine = make_engine(database_url)
     yield engine
