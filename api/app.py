@@ -14,10 +14,11 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from api import reference, report
+from api import health, reference, report
 from api.auth import KeyRing
 from api.database import prepare_engine
-from api.errors import JsonResponse, install_error_handlers
+from api.errors import install_error_handlers
+from api.health import MetricsMiddleware
 from license_report.settings import Settings
 from projections.migrate import check_current
 from projections.sql import make_engine
@@ -70,13 +71,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(report.router)
     app.include_router(reference.router)
-    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.include_router(health.router)
+    app.add_middleware(MetricsMiddleware)
     return app
-
-
-def healthz() -> JsonResponse:
-    """Return ``{"status": "ok"}`` without touching the database (a liveness check)."""
-    return JsonResponse({"status": "ok"})
 
 
 def app_from_environment() -> FastAPI:
