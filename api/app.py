@@ -16,10 +16,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api import health, reference, report
 from api.auth import KeyRing
-from api.database import prepare_engine
 from api.errors import install_error_handlers
 from api.health import MetricsMiddleware
 from license_report.settings import Settings
+from projections.as_of import SnapshotCache
 from projections.migrate import check_current
 from projections.sql import make_engine
 
@@ -37,7 +37,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     owns_engine = engine is None
     if engine is None:
         engine = make_engine(settings.database_url)
-    prepare_engine(engine)
     key_ring = KeyRing(settings.key_scopes())
 
     @asynccontextmanager
@@ -54,6 +53,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         try:
             yield
         finally:
+            app.state.snapshots.close()
             if owns_engine:
                 engine.dispose()
             logger.info("API stopped")
@@ -67,6 +67,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.state.engine = engine
+    app.state.snapshots = SnapshotCache(engine, settings.as_of_max_events)
     app.state.key_ring = key_ring
     install_error_handlers(app)
     app.include_router(report.router)

@@ -7,34 +7,29 @@ from contextlib import contextmanager
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import Connection, Engine, Text, event
+from sqlalchemy import Connection, Engine, Text
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from projections.registry import live_projection
 from projections.schema import Projection
 
-# Name of the SQLite function that lower-cases all of Unicode, as PostgreSQL's
-# lower() does in a UTF-8 database. SQLite's own lower() folds only ASCII.
-_SQLITE_LOWER = "unicode_lower"
-
 
 class UnicodeLower(FunctionElement):
-    """``lower(text)`` that folds non-ASCII letters on both databases."""
+    """``lower(text)`` that folds non-ASCII letters on both databases.
+
+    On SQLite this relies on the Python ``lower`` function that
+    ``projections.sql.make_engine`` registers on every connection.
+    """
 
     type = Text()
-    name = "unicode_lower"
+    name = "lower"
     inherit_cache = True
 
 
 @compiles(UnicodeLower)
-def _lower_default(element: UnicodeLower, compiler: Any, **options: Any) -> str:
+def _lower(element: UnicodeLower, compiler: Any, **options: Any) -> str:
     return f"lower({compiler.process(element.clauses, **options)})"
-
-
-@compiles(UnicodeLower, "sqlite")
-def _lower_sqlite(element: UnicodeLower, compiler: Any, **options: Any) -> str:
-    return f"{_SQLITE_LOWER}({compiler.process(element.clauses, **options)})"
 
 
 class JsonArrayAgg(FunctionElement):
@@ -53,31 +48,6 @@ def _json_agg_default(element: JsonArrayAgg, compiler: Any, **options: Any) -> s
 @compiles(JsonArrayAgg, "sqlite")
 def _json_agg_sqlite(element: JsonArrayAgg, compiler: Any, **options: Any) -> str:
     return f"json_group_array({compiler.process(element.clauses, **options)})"
-
-
-def prepare_engine(engine: Engine) -> None:
-    """Add what the API's SQL needs to ``engine``: on SQLite, ``unicode_lower``.
-
-    The function is registered when a connection is checked out, so it also
-    reaches connections that were pooled before this call.
-    """
-    if engine.dialect.name != "sqlite":
-        return
-    if not event.contains(engine, "checkout", _register_sqlite_functions):
-        event.listen(engine, "checkout", _register_sqlite_functions)
-
-
-def _register_sqlite_functions(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-    if record.info.get(_SQLITE_LOWER):
-        return
-    dbapi_connection.create_function(
-        _SQLITE_LOWER, 1, _unicode_lower, deterministic=True
-    )
-    record.info[_SQLITE_LOWER] = True
-
-
-def _unicode_lower(value: object) -> object:
-    return value.lower() if isinstance(value, str) else value
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from pydantic import AfterValidator
 
 from api.auth import MAX_ID
 from api.errors import ApiError, Problem
+from consumer.timestamps import parse_rfc3339
 
 SortKey = Literal[
     "lastname",
@@ -56,6 +57,15 @@ def _check_date(value: str | None) -> str | None:
         ) from None
     if not MIN_YEAR <= day.year <= MAX_YEAR:
         raise ValueError(f"must be a date in the years {MIN_YEAR} to {MAX_YEAR}")
+    return value
+
+
+def _check_instant(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_rfc3339(value)
+        except ValueError as error:
+            raise ValueError(f"must be an RFC 3339 instant: {error}") from None
     return value
 
 
@@ -112,6 +122,8 @@ class ReportQuery:
     descending: bool = False
     page: int = 1
     per_page: int = DEFAULT_PER_PAGE
+    # Microseconds since the epoch of a point-in-time report, or None for now.
+    as_of_us: int | None = None
 
     @property
     def offset(self) -> int:
@@ -139,6 +151,7 @@ def report_query(
     order: Literal["asc", "desc"] = "asc",
     page: Annotated[int, Query(ge=1)] = 1,
     per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE)] = DEFAULT_PER_PAGE,
+    as_of: Annotated[str | None, AfterValidator(_check_instant), Query()] = None,
 ) -> ReportQuery:
     """Build the ReportQuery of a request, or raise 422 for inconsistent parameters."""
     problems = [
@@ -167,6 +180,7 @@ def report_query(
         descending=order == "desc",
         page=page,
         per_page=per_page,
+        as_of_us=None if as_of is None else parse_rfc3339(as_of),
     )
 
 

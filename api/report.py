@@ -13,16 +13,17 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from sqlalchemy import Connection, Engine, RowMapping, Select, Subquery, func, select
 
 from api.auth import AuthorizedCompany
 from api.database import get_engine, live_snapshot
-from api.errors import JsonResponse
+from api.errors import ApiError, JsonResponse, Problem
 from api.lookups import Freshness, id_checks, verify_ids
 from api.params import ReportQuery, report_query
 from api.report_sql import ReportSql, page_order
 from consumer.timestamps import format_us
+from projections.as_of import SnapshotTooLarge
 from projections.ordering import ALLOCATED, UNALLOCATED
 from projections.schema import Projection
 
@@ -34,10 +35,14 @@ def get_license_allocations(
     company_id: AuthorizedCompany,
     query: Annotated[ReportQuery, Depends(report_query)],
     engine: Annotated[Engine, Depends(get_engine)],
+    request: Request,
 ) -> JsonResponse:
     """Return one page of the company's license allocations report."""
-    with live_snapshot(engine) as (conn, tables):
-        total, rows, freshness = fetch_report(conn, tables, company_id, query)
+    if query.as_of_us is not None:
+        total, rows, freshness = _fetch_as_of(request, company_id, query)
+    else:
+        with live_snapshot(engine) as (conn, tables):
+            total, rows, freshness = fetch_report(conn, tables, company_id, query)
     body = {
         "company_id": company_id,
         "total": total,
@@ -47,6 +52,20 @@ def get_license_allocations(
         **freshness.to_json(),
     }
     return JsonResponse(body)
+
+
+def _fetch_as_of(
+    request: Request, company_id: int, query: ReportQuery
+) -> tuple[int, list[dict[str, Any]], Freshness]:
+    """Compute the report from the events up to ``query.as_of_us``."""
+    try:
+        snapshot = request.app.state.snapshots.get(query.as_of_us)
+    except SnapshotTooLarge as error:
+        raise ApiError(
+            422, [Problem(str(error), "as_of", "query", "value_error")]
+        ) from None
+    with snapshot.engine.connect() as conn:
+        return fetch_report(conn, snapshot.tables, company_id, query)
 
 
 def fetch_report(

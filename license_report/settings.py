@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     # The consumer's Prometheus endpoint; port 0 turns it off.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, lt=65536)
+    # Most events a point-in-time (as_of) report may replay from the event store.
+    as_of_max_events: int = Field(default=500_000, gt=0)
     log_level: str = "INFO"
 
     @field_validator("api_keys")

@@ -204,14 +204,15 @@ def fill(
     if not rows:
         _set_position(conn, projection, end)
         return 0, end
-    events = [(_stored_event(payload), position) for position, payload in rows]
+    events = [(stored_event(payload), position) for position, payload in rows]
     project_events(conn, projection, events)
     position = rows[-1].position if len(rows) == batch_size else end
     _set_position(conn, projection, position)
     return len(rows), position
 
 
-def _stored_event(payload: str) -> Event:
+def stored_event(payload: str) -> Event:
+    """Decode an event store payload, which was validated when it was stored."""
     return decode_cloudevent(orjson.loads(payload))
 
 
