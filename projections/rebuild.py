@@ -53,12 +53,14 @@ def rebuild_from_store(
     discard: bool = False,
     progress: Progress | None = None,
     source: str = "store",
+    switch_threshold: int = SWITCH_THRESHOLD,
 ) -> RebuildResult:
     """Build a new projection version from the event store and make it live.
 
     An interrupted rebuild (a version still "building") is resumed, or dropped
     first when ``discard`` is true. ``progress`` is called with the events done
-    and the events known so far.
+    and the events known so far. The switch waits until fewer than
+    ``switch_threshold`` events remain, since consumers wait while it runs.
     """
     started = time.monotonic()
     projection, position, resumed = _start(engine, discard, source)
@@ -74,7 +76,7 @@ def rebuild_from_store(
         remaining = _count_between(engine, position, end)
         if progress:
             progress(done, done + remaining)
-        if remaining < SWITCH_THRESHOLD:
+        if remaining < switch_threshold:
             break
         while position < end:
             with engine.begin() as conn:

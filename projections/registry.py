@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, select, update
 
 from consumer.timestamps import now_us
 from license_report.errors import SchemaOutOfDate
@@ -30,6 +30,9 @@ def live_projection(conn: Connection, lock: bool = False) -> Projection:
 
     With ``lock``, hold a shared lock on the registry row until the transaction
     ends, so a rebuild cannot switch versions under a batch that writes.
+    SQLite has no row locks: there the no-op UPDATE takes the database's write
+    lock first, which also makes Python's sqlite3 module open the transaction
+    before the registry is read rather than after.
     """
     registry = schema.projections
     query = select(registry.c.version, registry.c.layout).where(
@@ -37,7 +40,17 @@ def live_projection(conn: Connection, lock: bool = False) -> Projection:
     )
     if lock and conn.dialect.name == "postgresql":
         query = query.with_for_update(read=True)
+    elif lock:
+        conn.execute(
+            update(registry)
+            .where(registry.c.status == LIVE)
+            .values(status=registry.c.status)
+        )
     row = conn.execute(query).one_or_none()
+    if row is None and lock:
+        # A switch that committed while this statement waited for the row lock
+        # retired the row it found; the next statement sees the new live row.
+        row = conn.execute(query).one_or_none()
     if row is None:
         raise SchemaOutOfDate(
             "the database has no live projection; run `license-report migrate`"
