@@ -18,6 +18,9 @@ from api import health, reference, report
 from api.auth import KeyRing
 from api.errors import install_error_handlers
 from api.health import MetricsMiddleware
+from api.openapi import OPENAPI_URL, install_openapi
+from api.page import install_page
+from api.security import install_security
 from license_report.settings import Settings
 from projections.as_of import SnapshotCache
 from projections.migrate import check_current
@@ -37,18 +40,22 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     owns_engine = engine is None
     if engine is None:
         engine = make_engine(settings.database_url)
-    key_ring = KeyRing(settings.key_scopes())
+    key_ring = KeyRing.from_settings(settings, engine)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(check_current, engine)
-        if not key_ring:
+        stored_keys = await run_in_threadpool(key_ring.stored_key_count)
+        if not (key_ring or stored_keys or key_ring.proxy or key_ring.accepts_jwt):
             logger.warning(
-                "no API keys are configured in LICENSE_REPORT_API_KEYS, so every "
+                "no API keys, trusted proxy or JWT key are configured, so every "
                 "report request is rejected with 401"
             )
         logger.info(
-            "API started database=%s api_keys=%d", engine.dialect.name, len(key_ring)
+            "API started database=%s environment_keys=%d stored_keys=%d",
+            engine.dialect.name,
+            len(key_ring),
+            stored_keys,
         )
         try:
             yield
@@ -61,10 +68,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(
         title="license-report",
         lifespan=lifespan,
-        # The API documentation would be served without a key, so it is off.
+        # The OpenAPI schema is public, because it contains no key or setting
+        # value. The documentation pages stay off, because they load scripts
+        # from a CDN.
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=OPENAPI_URL,
     )
     app.state.engine = engine
     app.state.snapshots = SnapshotCache(engine, settings.as_of_max_events)
@@ -73,6 +82,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(report.router)
     app.include_router(reference.router)
     app.include_router(health.router)
+    # The HTML report page, its login and logout, and /static.
+    install_page(app, settings)
+    install_openapi(app)
+    install_security(app, settings)
     app.add_middleware(MetricsMiddleware)
     return app
 

@@ -12,7 +12,9 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, exists, false, select
 
-from api.errors import not_found
+from api.auth import department_limit
+from api.errors import ApiError, Problem, not_found
+from api.report_sql import ReportSql
 from consumer.timestamps import format_us
 from projections.apply import STATE_ROW
 from projections.schema import Projection
@@ -41,7 +43,9 @@ def id_checks(
     """Return labelled columns that ``verify_ids`` reads from a result row.
 
     The subqueries use aliases, so they never correlate with the tables of a
-    statement they are added to.
+    statement they are added to. When the access to ``company_id`` is limited
+    to a department subtree, a ``department_in_scope`` column is true when
+    ``department_id`` lies in it.
     """
     state = tables.state
     columns = [
@@ -67,7 +71,20 @@ def id_checks(
             department.c.deleted == false(),
         )
         columns.append(known.label("department_known"))
+        scope_department_id = department_limit(company_id)
+        if scope_department_id is not None:
+            columns.append(_in_scope(tables, company_id, department_id))
     return columns
+
+
+def _in_scope(tables: Projection, company_id: int, department_id: int) -> ColumnElement:
+    subtree = ReportSql(tables, company_id).department_subtree(
+        department_limit(company_id), "scope_check_subtree"
+    )
+    found = select(subtree.c.department_id).where(
+        subtree.c.department_id == department_id
+    )
+    return found.exists().label("department_in_scope")
 
 
 def _state_value(state, column, label: str) -> ColumnElement:
@@ -83,13 +100,18 @@ def verify_ids(
 ) -> Freshness:
     """Raise 404 unless the company is known and the ids are its own.
 
-    A license or department counts only while it is not deleted. Returns the
-    projection's freshness from the same row.
+    A license or department counts only while it is not deleted. Raises 403
+    when ``department_id`` lies outside the credential's department subtree,
+    before telling whether it exists. Returns the projection's freshness from
+    the same row.
     """
     if not row["company_known"]:
         raise not_found(
             "company_id", f"company {company_id} is not known", location="path"
         )
+    scoped = department_limit(company_id) is not None
+    if department_id is not None and scoped and not row["department_in_scope"]:
+        raise _outside_scope(department_id)
     if license_id is not None and not row["license_known"]:
         raise not_found(
             "license_id",
@@ -105,6 +127,17 @@ def verify_ids(
         _format_optional(row["newest_event_time_us"]),
         _format_optional(row["applied_at_us"]),
     )
+
+
+def _outside_scope(department_id: int) -> ApiError:
+    problem = Problem(
+        f"this credential may not read department_id {department_id}, which is "
+        "outside its department subtree; choose a department within it",
+        "department_id",
+        "query",
+        "forbidden",
+    )
+    return ApiError(403, [problem])
 
 
 def check_ids(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from sqlalchemy import Engine, RowMapping, Select, false, select
+from sqlalchemy import Connection, Engine, RowMapping, Select, false, select
 
 from api.auth import AuthorizedCompany
 from api.database import UnicodeLower, get_engine, live_snapshot
@@ -28,16 +28,23 @@ def get_licenses(
     """Return the company's licenses that are not deleted, sorted by name."""
     with live_snapshot(engine) as (conn, tables):
         check_ids(conn, tables, company_id)
-        table = tables.licenses
-        statement = (
-            select(table)
-            .where(table.c.company_id == company_id, table.c.deleted == false())
-            .order_by(*nulls_last(UnicodeLower(table.c.name)), table.c.license_id)
-        )
-        rows = conn.execute(statement).mappings().all()
-    now = now_us()
-    licenses = [_license_json(row, now) for row in rows]
+        licenses = list_licenses(conn, tables, company_id)
     return JsonResponse({"company_id": company_id, "licenses": licenses})
+
+
+def list_licenses(
+    conn: Connection, tables: Projection, company_id: int
+) -> list[dict[str, Any]]:
+    """Return the company's licenses that are not deleted, sorted by name."""
+    table = tables.licenses
+    statement = (
+        select(table)
+        .where(table.c.company_id == company_id, table.c.deleted == false())
+        .order_by(*nulls_last(UnicodeLower(table.c.name)), table.c.license_id)
+    )
+    rows = conn.execute(statement).mappings().all()
+    now = now_us()
+    return [_license_json(row, now) for row in rows]
 
 
 def _license_json(row: RowMapping, now: int) -> dict[str, Any]:
@@ -68,13 +75,21 @@ def get_courses(
     """
     with live_snapshot(engine) as (conn, tables):
         check_ids(conn, tables, company_id, license_id)
-        rows = conn.execute(
-            _courses_statement(tables, company_id, license_id, include_suspended)
-        ).all()
-    courses = [
-        {"course_id": course_id, "course_name": name} for course_id, name in rows
-    ]
+        courses = list_courses(conn, tables, company_id, license_id, include_suspended)
     return JsonResponse({"company_id": company_id, "courses": courses})
+
+
+def list_courses(
+    conn: Connection,
+    tables: Projection,
+    company_id: int,
+    license_id: int | None = None,
+    include_suspended: bool = False,
+) -> list[dict[str, Any]]:
+    """Return the courses of the company's report rows, sorted by name."""
+    statement = _courses_statement(tables, company_id, license_id, include_suspended)
+    rows = conn.execute(statement).all()
+    return [{"course_id": course_id, "course_name": name} for course_id, name in rows]
 
 
 def _courses_statement(
@@ -105,15 +120,31 @@ def get_departments(
     """Return the company's departments that are not deleted, as a tree."""
     with live_snapshot(engine) as (conn, tables):
         check_ids(conn, tables, company_id)
-        table = tables.departments
-        statement = select(
-            table.c.department_id, table.c.name, table.c.parent_id
-        ).where(table.c.company_id == company_id, table.c.deleted == false())
-        rows = conn.execute(statement).all()
-    tree = department_tree([tuple(row) for row in rows])
+        tree = list_departments(conn, tables, company_id)
     # NOTE: orjson rejects JSON nested deeper than 255 levels, so a tree 127 or
     # more departments deep fails here with a 500 response.
     return JsonResponse({"company_id": company_id, "departments": tree})
+
+
+def list_departments(
+    conn: Connection, tables: Projection, company_id: int
+) -> list[dict[str, Any]]:
+    """Return the company's departments that are not deleted, as a tree.
+
+    With access limited to a department subtree, only that subtree, whose top
+    department is then the tree's root.
+    """
+    table = tables.departments
+    statement = select(table.c.department_id, table.c.name, table.c.parent_id).where(
+        table.c.company_id == company_id, table.c.deleted == false()
+    )
+    scope = ReportSql(tables, company_id).scope_subtree()
+    if scope is not None:
+        statement = statement.where(
+            table.c.department_id.in_(select(scope.c.department_id))
+        )
+    rows = conn.execute(statement).all()
+    return department_tree([tuple(row) for row in rows])
 
 
 def department_tree(

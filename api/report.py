@@ -5,19 +5,40 @@ version; the count, which also checks the request's ids and reads the
 projection's freshness; and the page. The page query selects the keys of the
 page's rows in a subquery, then collects the department names and event dates
 of those rows into JSON arrays with correlated subqueries. It is skipped when
-the page lies past the last row.
+the page lies past the last row. A CSV or XLSX download (api.downloads) runs the
+same queries with every matching row in the last one, and streams its result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from sqlalchemy import Connection, Engine, RowMapping, Select, Subquery, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    FromClause,
+    RowMapping,
+    Select,
+    Subquery,
+    func,
+    select,
+)
+from starlette.responses import Response
 
 from api.auth import AuthorizedCompany
 from api.database import get_engine, live_snapshot
+from api.downloads import (
+    OPENAPI_RESPONSES,
+    DownloadRequest,
+    download_request,
+    download_response,
+)
 from api.errors import ApiError, JsonResponse, Problem
 from api.lookups import Freshness, id_checks, verify_ids
 from api.params import ReportQuery, report_query
@@ -30,14 +51,23 @@ from projections.schema import Projection
 router = APIRouter()
 
 
-@router.get("/v1/companies/{company_id}/license-allocations")
+@router.get(
+    "/v1/companies/{company_id}/license-allocations", responses=OPENAPI_RESPONSES
+)
 def get_license_allocations(
     company_id: AuthorizedCompany,
     query: Annotated[ReportQuery, Depends(report_query)],
     engine: Annotated[Engine, Depends(get_engine)],
     request: Request,
-) -> JsonResponse:
-    """Return one page of the company's license allocations report."""
+    download: Annotated[DownloadRequest | None, Depends(download_request)],
+) -> Response:
+    """Return one page of the company's license allocations report.
+
+    A CSV or XLSX download, chosen by ``format`` or the Accept header, contains
+    every matching row instead.
+    """
+    if download is not None:
+        return download_response(request, company_id, query, download)
     if query.as_of_us is not None:
         total, rows, freshness = _fetch_as_of(request, company_id, query)
     else:
@@ -58,6 +88,24 @@ def _fetch_as_of(
     request: Request, company_id: int, query: ReportQuery
 ) -> tuple[int, list[dict[str, Any]], Freshness]:
     """Compute the report from the events up to ``query.as_of_us``."""
+    with report_source(request, query) as (conn, tables):
+        return fetch_report(conn, tables, company_id, query)
+
+
+@contextmanager
+def report_source(
+    request: Request, query: ReportQuery
+) -> Iterator[tuple[Connection, Projection]]:
+    """Open the connection and tables that ``query`` reads.
+
+    These are the live projection in one snapshot or, with ``as_of``, the
+    in-memory projection of the events up to that instant. Raises 422 (ApiError)
+    when that instant needs more events replayed than the limit.
+    """
+    if query.as_of_us is None:
+        with live_snapshot(request.app.state.engine) as opened:
+            yield opened
+        return
     try:
         snapshot = request.app.state.snapshots.get(query.as_of_us)
     except SnapshotTooLarge as error:
@@ -65,7 +113,7 @@ def _fetch_as_of(
             422, [Problem(str(error), "as_of", "query", "value_error")]
         ) from None
     with snapshot.engine.connect() as conn:
-        return fetch_report(conn, snapshot.tables, company_id, query)
+        yield conn, snapshot.tables
 
 
 def fetch_report(
@@ -76,6 +124,33 @@ def fetch_report(
     Raises 404 (ApiError) for an unknown company or a license_id or
     department_id that is not the company's.
     """
+    matching = count_rows(conn, tables, company_id, query)
+    if query.offset >= matching.total:
+        return matching.total, [], matching.freshness
+
+    page = page_statement(matching, query)
+    rows = [row_json(row) for row in conn.execute(page).mappings()]
+    return matching.total, rows, matching.freshness
+
+
+@dataclass(frozen=True, slots=True)
+class MatchingRows:
+    """The joins and conditions of a request's rows, their number and freshness."""
+
+    report: ReportSql
+    source: FromClause
+    conditions: list[ColumnElement[bool]]
+    total: int
+    freshness: Freshness
+
+
+def count_rows(
+    conn: Connection, tables: Projection, company_id: int, query: ReportQuery
+) -> MatchingRows:
+    """Count the rows that match ``query`` and check its ids in one statement.
+
+    Raises 404 (ApiError) as ``fetch_report`` does.
+    """
     report = ReportSql(tables, company_id)
     source, conditions = report.visible(query.include_suspended, query.department_id)
     conditions.extend(report.filters(query))
@@ -84,14 +159,14 @@ def fetch_report(
     result = conn.execute(count.select_from(source).where(*conditions))
     counted = result.mappings().one()
     freshness = verify_ids(counted, company_id, query.license_id, query.department_id)
-    total = counted["total"]
-    if query.offset >= total:
-        return total, [], freshness
+    return MatchingRows(report, source, conditions, counted["total"], freshness)
 
-    keys = report.page_keys(query, source, conditions)
-    page = _page(report, keys).order_by(*page_order(keys.c, query.descending))
-    rows = [_row_json(row) for row in conn.execute(page).mappings()]
-    return total, rows, freshness
+
+def page_statement(matching: MatchingRows, query: ReportQuery) -> Select:
+    """Select the rows of the page that ``query`` requests, in its order."""
+    keys = matching.report.page_keys(query, matching.source, matching.conditions)
+    ordering = page_order(keys.c, query.descending)
+    return _page(matching.report, keys).order_by(*ordering)
 
 
 def _page(report: ReportSql, keys: Subquery) -> Select:
@@ -128,7 +203,8 @@ def _page(report: ReportSql, keys: Subquery) -> Select:
     ).select_from(source)
 
 
-def _row_json(row: RowMapping) -> dict[str, Any]:
+def row_json(row: RowMapping) -> dict[str, Any]:
+    """Convert a row of ``page_statement`` to a row of the JSON report."""
     departments = sorted(_json_array(row["departments"]), key=department_sort_key)
     return {
         "user_id": row["user_id"],

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from consumer.decoding import decode
+from consumer.events import Event
+from license_report.collector import rare_collections
 from license_report.errors import RejectedEvent
 from projections.apply import DeadLetter, IncomingEvent
 
@@ -26,6 +28,7 @@ class DecodedBatch:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
+@rare_collections()
 def decode_values(
     values: Iterable[tuple[str, int | None, int | None, bytes | None]],
 ) -> DecodedBatch:
@@ -35,23 +38,30 @@ def decode_values(
     never stops the batch.
     """
     batch = DecodedBatch()
+    decoder_failures = 0
     for origin, partition, offset, value in values:
         try:
             event = decode(value)
+            check_storable(event)
         except RejectedEvent as rejection:
             reason = rejection.reason
         except Exception as error:  # noqa: BLE001 - a decoder bug must not stop ingestion
-            logger.exception(
-                "decoder failed origin=%s partition=%s offset=%s",
-                origin,
-                partition,
-                offset,
-            )
+            decoder_failures += 1
+            if decoder_failures <= MAX_LOGGED_REJECTIONS:
+                logger.exception(
+                    "decoder failed origin=%s partition=%s offset=%s",
+                    origin,
+                    partition,
+                    offset,
+                )
             reason = f"unexpected decoding error: {type(error).__name__}: {error}"
         else:
             batch.events.append(IncomingEvent(event, origin, partition, offset))
             continue
 
+        # PostgreSQL text cannot hold U+0000, and a reason that the database
+        # rejects would fail the whole batch on every retry.
+        reason = reason.replace("\x00", "\\x00")
         if len(batch.dead_letters) < MAX_LOGGED_REJECTIONS:
             logger.warning(
                 "event rejected origin=%s partition=%s offset=%s reason=%s",
@@ -66,4 +76,27 @@ def decode_values(
     hidden = len(batch.dead_letters) - MAX_LOGGED_REJECTIONS
     if hidden > 0:
         logger.warning("%d more events of this batch rejected as dead letters", hidden)
+    if decoder_failures > MAX_LOGGED_REJECTIONS:
+        logger.error(
+            "decoder failed on %d more values of this batch",
+            decoder_failures - MAX_LOGGED_REJECTIONS,
+        )
     return batch
+
+
+def check_storable(event: Event) -> None:
+    """Raise RejectedEvent if a text field of the event holds U+0000.
+
+    PostgreSQL text cannot hold that character, so such an event would fail its
+    batch on every retry and stop the partition. SQLite could store it, but the
+    event is rejected there too, so both databases accept the same events.
+    """
+    fields = {"id": event.event_id, "source": event.source}
+    for name in type(event.data).model_fields:
+        fields[f"data.{name}"] = getattr(event.data, name)
+    for name, value in fields.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise RejectedEvent(
+                f"CloudEvent {name} contains the NUL character U+0000, which "
+                "PostgreSQL text cannot store"
+            )

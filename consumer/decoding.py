@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
-from consumer.events import DATA_MODELS, Event
+from consumer.events import DATA_MODELS, Event, StoredEvent
 from consumer.moodle import decode_moodle, is_moodle_event
-from consumer.timestamps import parse_rfc3339
+from consumer.timestamps import parse_rfc3339, to_us
 from license_report.errors import RejectedEvent
 from projections.ordering import MAX_SEQUENCE
 
@@ -71,6 +72,42 @@ def decode_cloudevent(document: dict[str, Any]) -> Event:
     if event_type == "license.allocated" and data.issued_at is None:
         data = data.model_copy(update={"issued_at": time_us})
     return Event(event_id, event_type, source, time_us, sequence, data)
+
+
+def decode_stored(payload: str | bytes) -> StoredEvent:
+    """Read back a payload that the event store holds, without validating it.
+
+    The event store holds what Event.to_cloudevent wrote for validated events,
+    so only the instants need converting, from the RFC 3339 UTC text that
+    format_us writes. Data fields missing from the payload get their model's
+    default. Raises KeyError or ValueError for a payload of another shape.
+    """
+    document = orjson.loads(payload)
+    event_type = document["type"]
+    data = _STORED_DEFAULTS[event_type] | document["data"]
+    for name in _STORED_TIME_FIELDS[event_type]:
+        value = data.get(name)
+        if value is not None:
+            data[name] = to_us(datetime.fromisoformat(value))
+    time_us = to_us(datetime.fromisoformat(document["time"]))
+    return StoredEvent(
+        document["id"], event_type, time_us, document.get("sequence"), data
+    )
+
+
+# Per event type, the defaults of its optional data fields and its instants.
+_STORED_DEFAULTS = {
+    event_type: {
+        name: field.default
+        for name, field in model.model_fields.items()
+        if not field.is_required()
+    }
+    for event_type, model in DATA_MODELS.items()
+}
+_STORED_TIME_FIELDS = {
+    event_type: tuple(sorted(model.time_fields))
+    for event_type, model in DATA_MODELS.items()
+}
 
 
 def _required_string(document: dict[str, Any], name: str) -> str:

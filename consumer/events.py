@@ -6,7 +6,7 @@ docs/events.md describes the contract for producers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -154,3 +154,30 @@ class Event:
         if self.sequence is not None:
             envelope["sequence"] = self.sequence
         return envelope
+
+    def to_stored(self) -> StoredEvent:
+        """Return the event in the plain form that the projection reads.
+
+        The returned data is the model's own field dict, not a copy, so it
+        must not be changed.
+        """
+        # A frozen pydantic model keeps its field values in __dict__; reading
+        # it is much cheaper than model_dump, which copies every value.
+        return StoredEvent(
+            self.event_id, self.type, self.time_us, self.sequence, vars(self.data)
+        )
+
+
+class StoredEvent(NamedTuple):
+    """An accepted event as the projection reads it: its data as a plain dict.
+
+    ``data`` maps each field of the type's EventData model to its value, with
+    instants in microseconds. Building one costs no validation, so a rebuild
+    reads stored events in this form.
+    """
+
+    event_id: str
+    type: str
+    time_us: int
+    sequence: int | None
+    data: dict[str, Any]

@@ -24,7 +24,7 @@ from kafka import (
 )
 from kafka.errors import KafkaError
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from consumer.batch import decode_values
 from license_report import metrics
@@ -37,6 +37,12 @@ logger = logging.getLogger(__name__)
 # Back-off between retries of a failed batch, in seconds.
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
+# Time limits, in milliseconds, of the Kafka calls that serve only monitoring
+# (the offset commit) or a clean exit (leaving the group). Without them each call
+# waits up to request_timeout_ms while the broker does not answer, which holds up
+# the loop after every batch and delays a shutdown past what supervisors allow.
+KAFKA_COMMIT_TIMEOUT_MS = 5_000
+KAFKA_CLOSE_TIMEOUT_MS = 5_000
 
 
 class LicenseEventConsumer:
@@ -48,6 +54,12 @@ class LicenseEventConsumer:
         self.stopping = threading.Event()
         self._kafka: KafkaConsumer | None = None
         self._failures = 0
+        # SQLAlchemy wraps the driver's errors in DBAPIError, except in code that
+        # uses the driver connection itself, such as a COPY into a staging table.
+        self.database_errors: tuple[type[Exception], ...] = (
+            DBAPIError,
+            engine.dialect.loaded_dbapi.Error,
+        )
         # The stored next offset per partition this process last read or wrote;
         # None when the database has no row for the partition yet.
         self.expected: dict[TopicPartition, int | None] = {}
@@ -92,7 +104,7 @@ class LicenseEventConsumer:
                     self._process(records)
                 self._record_lag()
         finally:
-            self._kafka.close(autocommit=False)
+            self._kafka.close(autocommit=False, timeout_ms=KAFKA_CLOSE_TIMEOUT_MS)
             logger.info("consumer stopped group_id=%s", settings.kafka_group_id)
 
     def stop(self) -> None:
@@ -153,7 +165,7 @@ class LicenseEventConsumer:
         except OffsetsFenced as fenced:
             self._resync(records, fenced)
             return
-        except (OperationalError, DBAPIError) as error:
+        except self.database_errors as error:
             metrics.BATCH_RETRIES.labels(reason="database").inc()
             self._rewind(records)
             self._back_off(error, offsets)
@@ -203,7 +215,7 @@ class LicenseEventConsumer:
         partitions = set(records)
         try:
             stored = self.stored_offsets(partitions)
-        except (OperationalError, DBAPIError) as error:
+        except self.database_errors as error:
             self._rewind(records)
             self._back_off(error, {})
             return
@@ -245,7 +257,7 @@ class LicenseEventConsumer:
             for tp, batch in records.items()
         }
         try:
-            self._kafka.commit(offsets)
+            self._kafka.commit(offsets, timeout_ms=KAFKA_COMMIT_TIMEOUT_MS)
         except KafkaError as error:
             logger.warning(
                 "offset commit to Kafka failed; the database keeps the offsets "
@@ -275,7 +287,7 @@ class _Rebalance(ConsumerRebalanceListener):
         kafka = self.consumer._kafka
         try:
             stored = self.consumer.stored_offsets(assigned)
-        except (OperationalError, DBAPIError) as error:
+        except self.consumer.database_errors as error:
             # Kafka's committed offsets are never ahead of the database's, and
             # the event store drops events applied before, so resuming there
             # is safe. The first batch then fails its offset check and resyncs

@@ -6,6 +6,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
 # Date, "T" or space, time, optional fraction, then "Z" or a numeric offset.
 _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
@@ -60,11 +61,13 @@ def to_us(instant: datetime) -> int:
 
 
 def format_us(micros: int) -> str:
-    """Format microseconds since the epoch as RFC 3339 UTC: 2024-05-01T12:00:00Z."""
-    instant = _EPOCH + timedelta(microseconds=micros)
-    if instant.microsecond:
-        return instant.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return instant.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Format microseconds since the epoch as RFC 3339 UTC: 2024-05-01T12:00:00Z.
+
+    The fraction has six digits and is left out when it is zero.
+    """
+    # isoformat of a naive datetime is about twice as fast as strftime and
+    # writes the same text for the years 1000 to 9999.
+    return (_NAIVE_EPOCH + timedelta(microseconds=micros)).isoformat() + "Z"
 
 
 def now_us() -> int:

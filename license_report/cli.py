@@ -468,5 +468,9 @@ def import_moodle_reference(
     )
 
 
+from license_report.keys_cli import commands as keys_commands  # noqa: E402
+
+app.add_typer(keys_commands)  # keys create|list|revoke and purge-user
+
 if __name__ == "__main__":
     app()

@@ -13,18 +13,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
-from sqlalchemy import Connection, case, func, tuple_
+from sqlalchemy import Connection, case, func, select, tuple_
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 
-from consumer.events import Event
+from consumer.events import Event, StoredEvent
 from consumer.timestamps import now_us
+from license_report.collector import rare_collections
 from license_report.errors import LicenseReportError
-from projections import schema
+from projections import bulk, schema
 from projections.ordering import (
     ALLOCATED,
     UNALLOCATED,
     order_sequence,
     version_sequence,
 )
+from projections.privacy import scrub_deleted_users, subject_user_id
 from projections.registry import live_projection
 from projections.schema import Projection
 from projections.sql import insert
@@ -89,6 +93,7 @@ class BatchResult:
     newest_time_us: int | None = None
 
 
+@rare_collections()
 def apply_batch(
     conn: Connection,
     incoming: Sequence[IncomingEvent],
@@ -113,6 +118,7 @@ def apply_batch(
         project_events(conn, projection, new_events)
         result.applied.update(event.type for event, _ in new_events)
         result.newest_time_us = max(event.time_us for event, _ in new_events)
+        _scrub_deleted_users(conn, new_events)
     if dead_letters:
         _store_dead_letters(conn, dead_letters)
     return result
@@ -142,113 +148,184 @@ def store_events(
             "partition": item.partition,
             "offset": item.offset,
             "recorded_at_us": recorded_at,
+            "subject_user_id": subject_user_id(item.event),
         }
         for _, item in sorted(unique.items())
     ]
     table = schema.event_store
-    statement = (
-        insert(conn, table)
-        .on_conflict_do_nothing(index_elements=[table.c.event_id])
-        .returning(table.c.event_id, table.c.position)
-    )
-    positions = dict(conn.execute(statement, rows).all())
+    statement = insert(conn, table)
+    staging = None
+    if conn.dialect.name == "postgresql":
+        columns = list(rows[0])
+        values = ([row[name] for name in columns] for row in rows)
+        staging = bulk.stage(conn, table, columns, values)
+        order = staging.c.event_id.collate("C")
+        statement = statement.from_select(columns, select(staging).order_by(order))
+    statement = statement.on_conflict_do_nothing(
+        index_elements=[table.c.event_id]
+    ).returning(table.c.event_id, table.c.position)
+    if staging is None:
+        positions = dict(conn.execute(statement, rows).all())
+    else:
+        positions = dict(conn.execute(statement).all())
     return [
         (unique[event_id].event, position) for event_id, position in positions.items()
     ]
 
 
+def _scrub_deleted_users(conn: Connection, new_events: list[tuple[Event, int]]) -> None:
+    """Blank the stored personal data that new user.deleted events supersede.
+
+    New user.upserted events count too: one that arrives after a newer
+    deletion of its user is blanked at once. See projections.privacy.
+    """
+    user_ids = {
+        event.data.user_id
+        for event, _ in new_events
+        if event.type in ("user.deleted", "user.upserted")
+    }
+    if user_ids:
+        scrub_deleted_users(conn, user_ids)
+
+
+# The reference tables: the Projection attribute, its key columns, and the
+# event types that change it.
+_REFERENCES = [
+    ("companies", ["company_id"], ("company.upserted",)),
+    ("departments", ["department_id"], ("department.upserted", "department.deleted")),
+    ("users", ["user_id"], ("user.upserted", "user.deleted")),
+    (
+        "memberships",
+        ["user_id", "company_id", "department_id"],
+        ("user.department.assigned", "user.department.unassigned"),
+    ),
+    ("courses", ["course_id"], ("course.upserted",)),
+    ("licenses", ["license_id"], ("license.upserted", "license.deleted")),
+]
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """The rows that a batch of events writes to a projection.
+
+    Preparing needs no database connection, so a rebuild prepares the next
+    batch in another thread while the current one is written.
+    """
+
+    # Per reference table (its Projection attribute): one whole row per key,
+    # the latest version in the batch, in key order and column order.
+    references: dict[str, list[dict[str, object]]]
+    # One row per distinct license event, in event id order and column order.
+    license_events: list[dict[str, object]]
+    events: int
+    newest_time_us: int | None
+
+
 def project_events(
-    conn: Connection, projection: Projection, events: Sequence[tuple[Event, int]]
+    conn: Connection,
+    projection: Projection,
+    events: Sequence[tuple[Event | StoredEvent, int]],
 ) -> None:
     """Apply events, given with their event store positions, to a projection.
 
     Applying an event a second time changes nothing, so a rebuild may apply an
     overlapping range of the event store again.
     """
-    if not events:
-        return
-    by_type: dict[str, list[tuple[Event, int]]] = {}
+    if events:
+        write_prepared(conn, projection, prepare_events(projection, events))
+
+
+def prepare_events(
+    projection: Projection, events: Sequence[tuple[Event | StoredEvent, int]]
+) -> PreparedBatch:
+    """Compute the rows that ``events``, with their positions, write to a projection."""
+    by_type: dict[str, list[tuple[StoredEvent, int]]] = {}
     for event, position in events:
+        if isinstance(event, Event):
+            event = event.to_stored()
         by_type.setdefault(event.type, []).append((event, position))
 
-    def of(*types: str) -> list[tuple[Event, int]]:
+    def of(*types: str) -> list[tuple[StoredEvent, int]]:
         return [item for name in types for item in by_type.get(name, [])]
 
-    p = projection
-    _apply_reference(conn, p.companies, ["company_id"], of("company.upserted"))
-    _apply_reference(
-        conn,
-        p.departments,
-        ["department_id"],
-        of("department.upserted", "department.deleted"),
+    references = {}
+    for name, key, types in _REFERENCES:
+        changes = of(*types)
+        if changes:
+            table = getattr(projection, name)
+            references[name] = _reference_rows(table, key, changes)
+    return PreparedBatch(
+        references=references,
+        license_events=_license_event_rows(of(*_LICENSE_EVENT_TYPES)),
+        events=len(events),
+        newest_time_us=max((event.time_us for event, _ in events), default=None),
     )
-    _apply_reference(conn, p.users, ["user_id"], of("user.upserted", "user.deleted"))
-    _apply_reference(
-        conn,
-        p.memberships,
-        ["user_id", "company_id", "department_id"],
-        of("user.department.assigned", "user.department.unassigned"),
-    )
-    _apply_reference(conn, p.courses, ["course_id"], of("course.upserted"))
-    _apply_reference(
-        conn,
-        p.licenses,
-        ["license_id"],
-        of("license.upserted", "license.deleted"),
-    )
-    _apply_license_events(conn, p, of("license.allocated", "license.unallocated"))
-    _update_state(conn, p, events)
 
 
-def _reference_row(event: Event) -> dict[str, object]:
+def write_prepared(
+    conn: Connection, projection: Projection, batch: PreparedBatch
+) -> None:
+    """Write a prepared batch to the projection inside the caller's transaction."""
+    if not batch.events:
+        return
+    for name, key, _ in _REFERENCES:
+        rows = batch.references.get(name)
+        if rows:
+            _upsert_versioned(conn, getattr(projection, name), key, rows)
+    if batch.license_events:
+        _apply_license_events(conn, projection, batch.license_events)
+    _update_state(conn, projection, batch.newest_time_us, batch.events)
+
+
+def _reference_row(event: StoredEvent) -> dict[str, object]:
     """Map a reference-data event to the columns it sets."""
     data = event.data
     match event.type:
         case "company.upserted":
-            return {"company_id": data.company_id, "name": data.name}
+            return {"company_id": data["company_id"], "name": data["name"]}
         case "department.upserted":
             return {
-                "department_id": data.department_id,
-                "company_id": data.company_id,
-                "name": data.name,
-                "parent_id": data.parent_id,
+                "department_id": data["department_id"],
+                "company_id": data["company_id"],
+                "name": data["name"],
+                "parent_id": data["parent_id"],
                 "deleted": False,
             }
         case "user.upserted":
             return {
-                "user_id": data.user_id,
-                "firstname": data.firstname,
-                "lastname": data.lastname,
-                "email": data.email,
-                "suspended": data.suspended,
+                "user_id": data["user_id"],
+                "firstname": data["firstname"],
+                "lastname": data["lastname"],
+                "email": data["email"],
+                "suspended": data["suspended"],
                 "deleted": False,
             }
         case "user.department.assigned" | "user.department.unassigned":
             return {
-                "user_id": data.user_id,
-                "company_id": data.company_id,
-                "department_id": data.department_id,
+                "user_id": data["user_id"],
+                "company_id": data["company_id"],
+                "department_id": data["department_id"],
                 "assigned": event.type == "user.department.assigned",
             }
         case "course.upserted":
-            return {"course_id": data.course_id, "name": data.name}
+            return {"course_id": data["course_id"], "name": data["name"]}
         case "license.upserted":
             return {
-                "license_id": data.license_id,
-                "company_id": data.company_id,
-                "name": data.name,
-                "reusable": data.reusable,
-                "program": data.program,
-                "start_us": data.start_date,
-                "expiry_us": data.expiry_date,
+                "license_id": data["license_id"],
+                "company_id": data["company_id"],
+                "name": data["name"],
+                "reusable": data["reusable"],
+                "program": data["program"],
+                "start_us": data["start_date"],
+                "expiry_us": data["expiry_date"],
                 "deleted": False,
             }
         case "department.deleted":
-            return {"department_id": data.department_id, "deleted": True}
+            return {"department_id": data["department_id"], "deleted": True}
         case "user.deleted":
-            return {"user_id": data.user_id, "deleted": True}
+            return {"user_id": data["user_id"], "deleted": True}
         case "license.deleted":
-            return {"license_id": data.license_id, "deleted": True}
+            return {"license_id": data["license_id"], "deleted": True}
     raise ValueError(f"no reference row for event type {event.type}")
 
 
@@ -257,12 +334,10 @@ def _reference_row(event: Event) -> dict[str, object]:
 _TOMBSTONE_DEFAULTS = {"suspended": False, "reusable": False, "program": False}
 
 
-def _apply_reference(
-    conn: Connection, table, key: list[str], events: list[tuple[Event, int]]
-) -> None:
-    """Upsert reference rows; a change wins only over older versions of its row."""
-    if not events:
-        return
+def _reference_rows(
+    table, key: list[str], events: list[tuple[StoredEvent, int]]
+) -> list[dict[str, object]]:
+    """Return the latest version in ``events`` of each row, whole and in key order."""
     latest: dict[tuple, dict[str, object]] = {}
     for event, position in events:
         row = _reference_row(event)
@@ -274,8 +349,13 @@ def _apply_reference(
         if current is None or _version(row) > _version(current):
             latest[row_key] = row
 
-    rows = [latest[row_key] for row_key in sorted(latest)]
-    _upsert_versioned(conn, table, key, rows)
+    # Whole rows, so a tombstone clears every column the same in any order.
+    names = [column.name for column in table.c]
+    rows = []
+    for row_key in sorted(latest):
+        full = dict.fromkeys(names) | _TOMBSTONE_DEFAULTS | latest[row_key]
+        rows.append({name: full[name] for name in names})
+    return rows
 
 
 def _version(row: Mapping[str, object]) -> tuple:
@@ -283,16 +363,17 @@ def _version(row: Mapping[str, object]) -> tuple:
 
 
 def _upsert_versioned(
-    conn: Connection, table, key: list[str], rows: list[dict[str, object]]
+    conn: Connection, table, key: list[str], values: list[dict[str, object]]
 ) -> None:
-    """Write whole rows, so a tombstone clears every column the same in any order."""
+    """Upsert whole rows; a row wins only over older versions of itself."""
     names = [column.name for column in table.c]
-    values = []
-    for row in rows:
-        full = dict.fromkeys(names) | _TOMBSTONE_DEFAULTS | row
-        values.append({name: full[name] for name in names})
-
     statement = insert(conn, table)
+    staging = None
+    if conn.dialect.name == "postgresql":
+        rows_in_order = (list(value.values()) for value in values)
+        staging = bulk.stage(conn, table, names, rows_in_order)
+        order = [staging.c[name] for name in key]
+        statement = statement.from_select(names, select(staging).order_by(*order))
     excluded = statement.excluded
     versions = ["version_time_us", "version_sequence", "version_position"]
     statement = statement.on_conflict_do_update(
@@ -301,42 +382,57 @@ def _upsert_versioned(
         where=tuple_(*(table.c[name] for name in versions))
         < tuple_(*(excluded[name] for name in versions)),
     )
-    conn.execute(statement, values)
+    if staging is None:
+        conn.execute(statement, values)
+    else:
+        conn.execute(statement)
 
 
-def _apply_license_events(
-    conn: Connection, projection: Projection, events: list[tuple[Event, int]]
-) -> None:
-    """Record allocations and unallocations and fold the new ones into report rows."""
-    if not events:
-        return
+_LICENSE_EVENT_TYPES = ("license.allocated", "license.unallocated")
+
+
+def _license_event_rows(
+    events: list[tuple[StoredEvent, int]],
+) -> list[dict[str, object]]:
+    """Return one license_events row per distinct event id, in id order."""
     history = {}
     for event, _ in events:
         data = event.data
         action = ALLOCATED if event.type == "license.allocated" else UNALLOCATED
         history[event.event_id] = {
             "event_id": event.event_id,
-            "user_id": data.user_id,
-            "license_id": data.license_id,
-            "course_id": data.course_id,
+            "user_id": data["user_id"],
+            "license_id": data["license_id"],
+            "course_id": data["course_id"],
             "action": action,
-            "at_us": data.issued_at if action == ALLOCATED else event.time_us,
+            "at_us": data["issued_at"] if action == ALLOCATED else event.time_us,
             "time_us": event.time_us,
             "order_sequence": order_sequence(event.sequence, action),
         }
+    return [history[event_id] for event_id in sorted(history)]
+
+
+def _apply_license_events(
+    conn: Connection, projection: Projection, rows: list[dict[str, object]]
+) -> None:
+    """Record allocations and unallocations and fold the new ones into report rows."""
+    if conn.dialect.name == "postgresql":
+        _fold_in_database(conn, projection, rows)
+        return
+    history = {row["event_id"]: row for row in rows}
     table = projection.license_events
     statement = (
         insert(conn, table)
         .on_conflict_do_nothing(index_elements=[table.c.event_id])
         .returning(table.c.event_id)
     )
-    new_ids = conn.execute(statement, [history[key] for key in sorted(history)])
+    new_ids = conn.execute(statement, rows)
 
-    rows: dict[tuple[int, int, int], dict[str, object]] = {}
+    deltas: dict[tuple[int, int, int], dict[str, object]] = {}
     for (event_id,) in new_ids:
         item = history[event_id]
         row_key = (item["user_id"], item["license_id"], item["course_id"])
-        row = rows.setdefault(
+        row = deltas.setdefault(
             row_key,
             {
                 "user_id": item["user_id"],
@@ -352,16 +448,70 @@ def _apply_license_events(
             },
         )
         _fold(row, item)
-    if not rows:
+    if not deltas:
         return
 
     table = projection.license_allocations
-    statement = insert(conn, table)
+    statement = _merge_allocations(table, insert(conn, table))
+    conn.execute(statement, [deltas[row_key] for row_key in sorted(deltas)])
+
+
+def _fold_in_database(
+    conn: Connection, projection: Projection, history: list[dict[str, object]]
+) -> None:
+    """Store license events and fold the new ones into report rows, on PostgreSQL.
+
+    One statement inserts the staged events; its RETURNING rows, the events not
+    stored before, are grouped per report row into the same delta that _fold
+    computes, and merged as on other databases.
+    """
+    events = projection.license_events
+    columns = list(history[0])
+    values = (list(row.values()) for row in history)
+    staging = bulk.stage(conn, events, columns, values)
+    in_order = select(staging).order_by(staging.c.event_id.collate("C"))
+    new = (
+        insert(conn, events)
+        .from_select(columns, in_order)
+        .on_conflict_do_nothing(index_elements=[events.c.event_id])
+        .returning(*(events.c[name] for name in columns if name != "event_id"))
+        .cte("new_license_events")
+    )
+
+    def latest(column):
+        newest_first = (new.c.time_us.desc(), new.c.order_sequence.desc())
+        return postgresql.array_agg(aggregate_order_by(column, *newest_first))[1]
+
+    allocation = new.c.action == ALLOCATED
+    unallocation = new.c.action == UNALLOCATED
+    keys = [new.c.user_id, new.c.license_id, new.c.course_id]
+    delta = (
+        select(
+            *keys,
+            func.count().filter(allocation).label("allocations"),
+            func.count().filter(unallocation).label("unallocations"),
+            (latest(new.c.action) == ALLOCATED).label("allocated"),
+            func.max(new.c.time_us).label("last_time_us"),
+            latest(new.c.order_sequence).label("last_order_sequence"),
+            func.max(new.c.at_us).filter(allocation).label("last_allocated_us"),
+            func.max(new.c.at_us).filter(unallocation).label("last_unallocated_us"),
+        )
+        .group_by(*keys)
+        .order_by(*keys)
+    )
+    table = projection.license_allocations
+    names = [column.name for column in delta.selected_columns]
+    statement = insert(conn, table).from_select(names, delta)
+    conn.execute(_merge_allocations(table, statement))
+
+
+def _merge_allocations(table, statement):
+    """Add ON CONFLICT to an INSERT of report row deltas: add counts, keep latest."""
     excluded = statement.excluded
     newer = tuple_(excluded.last_time_us, excluded.last_order_sequence) > tuple_(
         table.c.last_time_us, table.c.last_order_sequence
     )
-    statement = statement.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=[table.c.user_id, table.c.license_id, table.c.course_id],
         set_={
             "allocations": table.c.allocations + excluded.allocations,
@@ -382,7 +532,6 @@ def _apply_license_events(
             ),
         },
     )
-    conn.execute(statement, [rows[row_key] for row_key in sorted(rows)])
 
 
 def _fold(row: dict[str, object], item: dict[str, int]) -> None:
@@ -474,7 +623,7 @@ def _store_offsets(conn: Connection, offsets: Mapping[OffsetKey, OffsetUpdate]) 
 
 
 def _update_state(
-    conn: Connection, projection: Projection, events: Sequence[tuple[Event, int]]
+    conn: Connection, projection: Projection, newest_time_us: int, events: int
 ) -> None:
     """Record the newest applied event time; runs last to hold its row lock briefly."""
     table = projection.state
@@ -494,9 +643,9 @@ def _update_state(
         statement,
         {
             "name": STATE_ROW,
-            "newest_event_time_us": max(event.time_us for event, _ in events),
+            "newest_event_time_us": newest_time_us,
             "applied_at_us": now_us(),
-            "events_applied": len(events),
+            "events_applied": events,
         },
     )
 

@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import orjson
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import Connection, Engine, func, select, text, update
+from sqlalchemy.schema import CreateTable
 
-from consumer.decoding import decode_cloudevent
-from consumer.events import Event
+from consumer.decoding import decode_stored
+from consumer.events import StoredEvent
 from consumer.timestamps import now_us
+from license_report.collector import rare_collections
 from projections import schema
-from projections.apply import project_events
+from projections.apply import (
+    PreparedBatch,
+    prepare_events,
+    project_events,
+    write_prepared,
+)
 from projections.registry import BUILDING, LIVE, RETIRED, tables
 from projections.schema import PROJECTION_LAYOUT, Projection
 
@@ -62,6 +69,18 @@ def rebuild_from_store(
     and the events known so far. The switch waits until fewer than
     ``switch_threshold`` events remain, since consumers wait while it runs.
     """
+    with rare_collections():
+        return _rebuild(engine, batch_size, discard, progress, source, switch_threshold)
+
+
+def _rebuild(
+    engine: Engine,
+    batch_size: int,
+    discard: bool,
+    progress: Progress | None,
+    source: str,
+    switch_threshold: int,
+) -> RebuildResult:
     started = time.monotonic()
     projection, position, resumed = _start(engine, discard, source)
     logger.info(
@@ -78,13 +97,17 @@ def rebuild_from_store(
             progress(done, done + remaining)
         if remaining < switch_threshold:
             break
-        while position < end:
+        batches = _read_ahead(engine, projection, position, end, batch_size)
+        for batch, position in batches:
             with engine.begin() as conn:
-                applied, position = fill(conn, projection, position, end, batch_size)
-            done += applied
+                write_prepared(conn, projection, batch)
+                _set_position(conn, projection, position)
+            done += batch.events
+            remaining -= batch.events
             if progress:
-                progress(done, done + _count_between(engine, position, end))
+                progress(done, done + remaining)
 
+    create_indexes(engine, projection)
     previous, switched_events = _switch(engine, projection, position)
     done += switched_events
     if progress:
@@ -131,16 +154,28 @@ def _start(engine: Engine, discard: bool, source: str) -> tuple[Projection, int,
                 return tables(building.version), building.position, True
             # This code cannot resume filling tables of another layout.
             drop_version(conn, building.version)
-        projection = create_version(conn, BUILDING, source)
+        # The secondary indexes come after the bulk fill, which is faster
+        # than keeping them up to date row by row.
+        projection = create_version(conn, BUILDING, source, indexes=False)
     return projection, 0, False
 
 
-def create_version(conn: Connection, status: str, source: str) -> Projection:
-    """Create the tables of a new, empty projection version and register it."""
+def create_version(
+    conn: Connection, status: str, source: str, indexes: bool = True
+) -> Projection:
+    """Create the tables of a new, empty projection version and register it.
+
+    Without ``indexes``, only the primary keys are created; ``create_indexes``
+    adds the rest.
+    """
     registry = schema.projections
     newest = conn.execute(select(func.max(registry.c.version))).scalar() or 0
     projection = tables(newest + 1)
-    projection.metadata.create_all(conn)
+    if indexes:
+        projection.metadata.create_all(conn)
+    else:
+        for table in projection.metadata.sorted_tables:
+            conn.execute(CreateTable(table))
     conn.execute(
         registry.insert().values(
             version=projection.version,
@@ -152,6 +187,20 @@ def create_version(conn: Connection, status: str, source: str) -> Projection:
         )
     )
     return projection
+
+
+def create_indexes(engine: Engine, projection: Projection) -> None:
+    """Create the indexes a version lacks, then refresh PostgreSQL's statistics.
+
+    Runs before the switch, so the API's first queries on the new version are
+    planned with its real sizes.
+    """
+    with engine.begin() as conn:
+        for table in projection.metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
+            if conn.dialect.name == "postgresql":
+                conn.execute(text(f'ANALYZE "{table.name}"'))
 
 
 def lock_live(conn: Connection) -> int:
@@ -196,26 +245,63 @@ def fill(
     conn: Connection, projection: Projection, start: int, end: int, batch_size: int
 ) -> tuple[int, int]:
     """Apply one batch of stored events after ``start``; return count and position."""
+    events, position = read_batch(conn, start, end, batch_size)
+    project_events(conn, projection, events)
+    _set_position(conn, projection, position)
+    return len(events), position
+
+
+def read_batch(
+    conn: Connection, start: int, end: int, batch_size: int
+) -> tuple[list[tuple[StoredEvent, int]], int]:
+    """Read the stored events of the next ``batch_size`` positions after ``start``.
+
+    Returns them with their positions, and the position up to which the batch
+    covers the store: ``start + batch_size``, or ``end`` if that comes first.
+    Positions skipped by rejected duplicates make a batch smaller.
+    """
+    # A range of positions, not a LIMIT, so the plan does not depend on the
+    # table's statistics: without them, PostgreSQL 15 sorted every row up to
+    # ``end`` for each batch after a bulk load.
+    position = min(start + batch_size, end)
     store = schema.event_store
     rows = conn.execute(
         select(store.c.position, store.c.payload)
-        .where(store.c.position > start, store.c.position <= end)
+        .where(store.c.position > start, store.c.position <= position)
         .order_by(store.c.position)
-        .limit(batch_size)
     ).all()
-    if not rows:
-        _set_position(conn, projection, end)
-        return 0, end
-    events = [(stored_event(payload), position) for position, payload in rows]
-    project_events(conn, projection, events)
-    position = rows[-1].position if len(rows) == batch_size else end
-    _set_position(conn, projection, position)
-    return len(rows), position
+    events = [(stored_event(payload), row_position) for row_position, payload in rows]
+    return events, position
 
 
-def stored_event(payload: str) -> Event:
+def _read_ahead(
+    engine: Engine, projection: Projection, start: int, end: int, batch_size: int
+) -> Iterator[tuple[PreparedBatch, int]]:
+    """Yield prepared batches of stored events up to ``end``, with their positions.
+
+    A thread reads, decodes and prepares the next batch on its own connection
+    while the caller writes the current one, so Python works while PostgreSQL
+    writes. At most two batches are in memory.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="rebuild-reader") as reader:
+
+        def read(after: int) -> tuple[PreparedBatch, int]:
+            with engine.connect() as conn:
+                events, position = read_batch(conn, after, end, batch_size)
+            return prepare_events(projection, events), position
+
+        position = start
+        pending = reader.submit(read, position)
+        while position < end:
+            events, position = pending.result()
+            if position < end:
+                pending = reader.submit(read, position)
+            yield events, position
+
+
+def stored_event(payload: str) -> StoredEvent:
     """Decode an event store payload, which was validated when it was stored."""
-    return decode_cloudevent(orjson.loads(payload))
+    return decode_stored(payload)
 
 
 def _set_position(conn: Connection, projection: Projection, position: int) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Column,
     Index,
     Integer,
@@ -69,6 +70,10 @@ event_store = Table(
     Column("partition", Integer, nullable=True),
     Column("offset", BigInteger, nullable=True),
     Column("recorded_at_us", BigInteger, nullable=False),
+    # The user a user.* event is about, so a deletion finds that user's stored
+    # events without parsing every payload. NULL for other events.
+    Column("subject_user_id", BigInteger, nullable=True),
+    Index(None, "subject_user_id"),
 )
 
 dead_letters = Table(
@@ -97,6 +102,36 @@ consumer_offsets = Table(
     # The offset of the next record to consume, as Kafka commits it.
     Column("next_offset", BigInteger, nullable=False),
     Column("updated_at_us", BigInteger, nullable=False),
+)
+
+
+# API keys created with `license-report keys create`. Only a SHA-256 hash of
+# each key is stored, and the prefix (its first 8 characters) names it in lists.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("prefix", String(8), nullable=False),
+    # Hex SHA-256 of the whole key.
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("name", Text, nullable=False),
+    # "all", "company" (company_id) or "department" (company_id, department_id).
+    Column("scope", String(16), nullable=False),
+    Column("company_id", BigInteger, nullable=True),
+    Column("department_id", BigInteger, nullable=True),
+    Column("created_at_us", BigInteger, nullable=False),
+    Column("revoked_at_us", BigInteger, nullable=True),
+    # Updated at most once a minute per key and API process.
+    Column("last_used_at_us", BigInteger, nullable=True),
+    CheckConstraint(
+        "(scope = 'all' AND company_id IS NULL AND department_id IS NULL)"
+        " OR (scope = 'company' AND company_id IS NOT NULL"
+        " AND department_id IS NULL)"
+        " OR (scope = 'department' AND company_id IS NOT NULL"
+        " AND department_id IS NOT NULL)",
+        name="ck_api_keys_scope",
+    ),
+    Index(None, "prefix"),
 )
 
 

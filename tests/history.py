@@ -219,11 +219,14 @@ def generate_history(
     *,
     years: int = 2,
     start: date = date(2023, 9, 1),
+    id_offset: int = 0,
 ) -> History:
     """Generate a history of ``years`` years of license activity.
 
     The same arguments always give the same logical events and the same message
     bytes. The number of logical events is about ``EVENTS_PER_USER * users``.
+    Entity ids and Moodle log ids start above ``id_offset``, so histories
+    generated with offsets far enough apart share no id and can be concatenated.
     """
     if companies < 2:
         raise ValueError(f"companies must be at least 2, got {companies}")
@@ -231,12 +234,14 @@ def generate_history(
         raise ValueError(f"users must be at least {MIN_USERS}, got {users}")
     if years < 1:
         raise ValueError(f"years must be at least 1, got {years}")
-    builder = _Builder(seed, companies, users, years, start)
+    if id_offset < 0:
+        raise ValueError(f"id_offset must not be negative, got {id_offset}")
+    builder = _Builder(seed, companies, users, years, start, id_offset)
     return builder.build()
 
 
 def generate_history_of_size(
-    seed: int, events: int, companies: int | None = None
+    seed: int, events: int, companies: int | None = None, id_offset: int = 0
 ) -> History:
     """Generate a history with about ``events`` logical events, for benchmarks.
 
@@ -248,7 +253,9 @@ def generate_history_of_size(
     users = max(MIN_USERS, round(events / EVENTS_PER_USER))
     if companies is None:
         companies = max(3, users // 300)
-    return generate_history(seed, companies=companies, users=users)
+    return generate_history(
+        seed, companies=companies, users=users, id_offset=id_offset
+    )
 
 
 def write_jsonl(
@@ -404,7 +411,13 @@ class _Builder:
     read what earlier ones stored on the builder."""
 
     def __init__(
-        self, seed: int, companies: int, users: int, years: int, start: date
+        self,
+        seed: int,
+        companies: int,
+        users: int,
+        years: int,
+        start: date,
+        id_offset: int = 0,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -413,7 +426,8 @@ class _Builder:
         self.start_us = _to_us(datetime(start.year, start.month, start.day, tzinfo=UTC))
         self.end_us = self.start_us + years * 365 * DAY
         self.drafts: list[_Draft] = []
-        self.next_id = 0
+        self.id_offset = id_offset
+        self.next_id = id_offset
         # (entity key, time) pairs already used by reference data, to avoid ties.
         self.reference_times: set[tuple[Any, int]] = set()
         self.moodle_fingerprints: set[tuple[Any, ...]] = set()
@@ -1186,7 +1200,7 @@ class _Builder:
         """
         self.drafts.sort(key=lambda draft: (draft.time_us, draft.order))
         sequence = 1000
-        log_id = 50_000
+        log_id = 50_000 + self.id_offset
         for draft in self.drafts:
             if draft.shape == CLOUDEVENT:
                 sequence += self.rng.randint(1, 3)

@@ -550,8 +550,10 @@ def test_healthz_needs_no_key(client):
     assert response.json() == {"status": "ok"}
 
 
-def test_api_docs_not_served(client):
-    assert client.get("/openapi.json").status_code == 404
+def test_api_docs_pages_not_served(client):
+    # The OpenAPI schema is public (tests/test_security.py); the pages are not.
+    assert client.get("/docs").status_code == 404
+    assert client.get("/redoc").status_code == 404
 
 
 @pytest.mark.parametrize(
