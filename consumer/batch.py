@@ -85,7 +85,7 @@ def decode_values(
 
 
 def check_storable(event: Event) -> None:
-    """Raise RejectedEvent if a text field of the event holds U+0000.
+    """Raise RejectedEvent if a text field of the event contains U+0000.
 
     PostgreSQL text cannot hold that character, so such an event would fail its
     batch on every retry and stop the partition. SQLite could store it, but the

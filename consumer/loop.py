@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 RETRY_BASE_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
 # Time limits, in milliseconds, of the Kafka calls that serve only monitoring
-# (the offset commit) or a clean exit (leaving the group). Without them each call
-# waits up to request_timeout_ms while the broker does not answer, which holds up
+# (the offset commit) or a clean exit (leaving the group). Without them, each call
+# waits up to request_timeout_ms while the broker does not respond. That stalls
 # the loop after every batch and delays a shutdown past what supervisors allow.
 KAFKA_COMMIT_TIMEOUT_MS = 5_000
 KAFKA_CLOSE_TIMEOUT_MS = 5_000
