@@ -116,7 +116,7 @@ def _decode_other(other: object) -> dict[str, Any]:
     else:
         try:
             decoded = phpserialize.loads(text.encode("utf-8"), decode_strings=True)
-        except (ValueError, TypeError, EOFError, IndexError) as error:
+        except (ValueError, TypeError, EOFError, IndexError, RecursionError) as error:
             raise RejectedEvent(
                 f"Moodle event: other is neither JSON nor valid PHP-serialized data: "
                 f"{error or type(error).__name__}"

@@ -13,7 +13,8 @@ _RFC3339 = re.compile(
 )
 # Instants outside years 1900 to 9000 are rejected as impossible.
 MIN_US = -2_208_988_800 * 1_000_000
-MAX_US = 223_881_408_000 * 1_000_000
+# The last microsecond of 9000-12-31 UTC.
+MAX_US = 221_876_928_000 * 1_000_000 - 1
 
 
 def parse_rfc3339(text: object) -> int:

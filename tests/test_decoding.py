@@ -90,6 +90,7 @@ def test_decode_department_parent_zero_is_top():
         (cloudevent("license.exploded"), "unknown event type"),
         (cloudevent(time="2024-02-30T00:00:00Z"), "impossible date"),
         (cloudevent(time="2024-05-01T12:00:00"), "time zone"),
+        (cloudevent(time="9001-01-01T00:00:00Z"), "outside the years"),
         (cloudevent(time=1714564800), "RFC 3339"),
         (cloudevent(data=[1]), "data must be a JSON object"),
         (
@@ -190,6 +191,8 @@ def test_decode_moodle_unassigned():
         ({"userid": 0}, "userid is out of range"),
         ({"timecreated": ...}, "timecreated is missing"),
         ({"timecreated": 10**15}, "outside the years"),
+        ({"timecreated": 221_876_928_000}, "outside the years"),
+        ({"other": "a:1:{i:0;" * 1100 + "N;" + "}" * 1100}, "PHP-serialized"),
     ],
 )
 def test_decode_rejects_invalid_moodle_event(fields, reason):
