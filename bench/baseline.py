@@ -133,7 +133,7 @@ def _count(engine: Engine) -> int:
 
 
 def unused_version(engine: Engine) -> Projection:
-    """Return table definitions of a projection version that nobody registered."""
+    """Return table definitions of a version that the registry does not list."""
     with engine.connect() as conn:
         newest = conn.execute(select(func.max(schema.projections.c.version))).scalar()
     return tables((newest or 0) + 100)

@@ -65,7 +65,7 @@ class Chunk:
 
 @dataclass
 class Totals:
-    """What a whole generated history should leave in the database."""
+    """Counts of what a whole generated history should leave in the database."""
 
     messages: int = 0
     events: int = 0

@@ -53,7 +53,7 @@ PARTITIONS = 3
 TARGET_RAW_RATIO = 0.7
 TARGET_PEAK_RSS_MB = 150.0
 # Consumer group timings, in milliseconds. kafka-python's defaults made a new
-# group wait about 23 s for its first records on the test broker; the rates
+# group wait about 23 s for its first records on the test broker. The rates
 # are measured from the first committed batch, so this only shortens the run.
 GROUP_TIMINGS = {
     "kafka_session_timeout_ms": "6000",

@@ -64,8 +64,8 @@ PER_PAGE = 50
 CONCURRENCY = 4
 REQUESTS = {"tiny": 8, "small": 100, "full": 200}
 IOMAD_REQUESTS = {"tiny": 4, "small": 12, "full": 12}
-# No new request of a case starts after this many seconds, so slow cases
-# end with fewer requests; their p99 is then close to their maximum.
+# No new request of a case starts after this many seconds. Slow cases thus
+# end with fewer requests, and their p99 is close to their maximum.
 CASE_SECONDS = {"tiny": 5.0, "small": 15.0, "full": 15.0}
 # A case whose request takes longer is reported as timed out and skipped.
 # The API's PostgreSQL sessions get the same statement_timeout, so a timed-out

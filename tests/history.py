@@ -253,9 +253,7 @@ def generate_history_of_size(
     users = max(MIN_USERS, round(events / EVENTS_PER_USER))
     if companies is None:
         companies = max(3, users // 300)
-    return generate_history(
-        seed, companies=companies, users=users, id_offset=id_offset
-    )
+    return generate_history(seed, companies=companies, users=users, id_offset=id_offset)
 
 
 def write_jsonl(
