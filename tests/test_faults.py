@@ -261,7 +261,7 @@ def large_history() -> History:
 
 @pytest.fixture(scope="module")
 def small_history() -> History:
-    return generate_history_of_size(SEED + 2, 80_000 if SOAK else 16_000)
+    return generate_history_of_size(SEED + 2, 80_000 if SOAK else 40_000)
 
 
 def _migrate(url: str) -> None:
@@ -456,7 +456,7 @@ def test_consume_postgres_backends_terminated(kafka_broker, postgres_url, tmp_pa
     max_terminations = 30 if SOAK else 8
     required_failures = 10 if SOAK else 2
     rng = random.Random(SEED + 5)
-    history = generate_history_of_size(SEED + 5, 60_000 if SOAK else 12_000)
+    history = generate_history_of_size(SEED + 5, 60_000 if SOAK else 30_000)
     with ingestion(kafka_broker, postgres_url, tmp_path, history, 3) as run:
         consumer = run.pool.start(FAST)
         admin = make_engine(postgres_url, poolclass=NullPool)
