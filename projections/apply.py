@@ -84,7 +84,7 @@ class OffsetsFenced(LicenseReportError):
 
 @dataclass(slots=True)
 class BatchResult:
-    """What one applied batch changed."""
+    """Counts of what one applied batch changed."""
 
     applied: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0

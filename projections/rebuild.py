@@ -45,7 +45,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass(slots=True)
 class RebuildResult:
-    """What a rebuild did."""
+    """Outcome of one rebuild."""
 
     version: int
     previous_version: int

@@ -178,7 +178,7 @@ def projection_tables(version: int) -> Projection:
 
 
 def _state(metadata: MetaData, name: str) -> Table:
-    """How fresh the projection is: one row, named "live"."""
+    """Freshness of the projection: one row, named "live"."""
     return Table(
         name,
         metadata,
@@ -268,7 +268,7 @@ def _licenses(metadata: MetaData, name: str) -> Table:
 
 
 def _license_events(metadata: MetaData, name: str) -> Table:
-    """One row per distinct license.allocated or license.unallocated event."""
+    """Table of the distinct license.allocated and license.unallocated events."""
     return Table(
         name,
         metadata,
