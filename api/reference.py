@@ -98,8 +98,11 @@ def _courses_statement(
     license_id: int | None,
     include_suspended: bool,
 ) -> Select:
-    source, conditions = ReportSql(tables, company_id).visible(include_suspended)
-    allocation, course = tables.license_allocations, tables.courses
+    allocation, conditions = ReportSql(tables, company_id).visible(include_suspended)
+    course = tables.courses
+    source = allocation.outerjoin(
+        course, course.c.course_id == allocation.c.course_id
+    )
     if license_id is not None:
         conditions.append(allocation.c.license_id == license_id)
     # GROUP BY, unlike DISTINCT, lets PostgreSQL order by expressions of the

@@ -21,7 +21,7 @@ from consumer.events import Event, StoredEvent
 from consumer.timestamps import now_us
 from license_report.collector import rare_collections
 from license_report.errors import LicenseReportError
-from projections import bulk, schema
+from projections import bulk, report_rows, schema
 from projections.ordering import (
     ALLOCATED,
     UNALLOCATED,
@@ -263,9 +263,16 @@ def prepare_events(
 
 
 def write_prepared(
-    conn: Connection, projection: Projection, batch: PreparedBatch
+    conn: Connection,
+    projection: Projection,
+    batch: PreparedBatch,
+    copies: bool = True,
 ) -> None:
-    """Write a prepared batch to the projection inside the caller's transaction."""
+    """Write a prepared batch to the projection inside the caller's transaction.
+
+    Without ``copies``, the report rows' copied columns are left for a later
+    ``report_rows.refresh_all``, which a rebuild runs once at the end.
+    """
     if not batch.events:
         return
     for name, key, _ in _REFERENCES:
@@ -274,7 +281,29 @@ def write_prepared(
             _upsert_versioned(conn, getattr(projection, name), key, rows)
     if batch.license_events:
         _apply_license_events(conn, projection, batch.license_events)
+    if copies:
+        _refresh_copies(conn, projection, batch)
     _update_state(conn, projection, batch.newest_time_us, batch.events)
+
+
+def _refresh_copies(
+    conn: Connection, projection: Projection, batch: PreparedBatch
+) -> None:
+    """Refresh the copied columns of the report rows that the batch can change."""
+    references = batch.references
+    user_ids = {row["user_id"] for row in batch.license_events}
+    for name in ("users", "memberships"):
+        user_ids.update(row["user_id"] for row in references.get(name, ()))
+    report_rows.refresh(
+        conn,
+        projection,
+        user_ids=user_ids,
+        license_ids={row["license_id"] for row in references.get("licenses", ())},
+        course_ids={row["course_id"] for row in references.get("courses", ())},
+        department_ids={
+            row["department_id"] for row in references.get("departments", ())
+        },
+    )
 
 
 def _reference_row(event: StoredEvent) -> dict[str, object]:

@@ -35,6 +35,8 @@ SUBJECT_USER_TYPES = frozenset(
     }
 )
 PERSONAL_FIELDS = ("firstname", "lastname", "email")
+# Their lower-cased copies on the report rows.
+PERSONAL_KEYS = tuple(f"{name}_key" for name in PERSONAL_FIELDS)
 # User ids per UPDATE, well below the bind parameter limits of SQLite (32,766)
 # and PostgreSQL (65,535).
 _CHUNK = 1_000
@@ -85,14 +87,23 @@ def scrub_deleted_users(conn: Connection, user_ids: Collection[int]) -> int:
     for chunk in _chunks(deleted):
         changed += conn.execute(_scrub_store_statement(chunk)).rowcount
     retired = _retired_versions(conn)
-    for version in retired:
-        users = tables(version).users
+    for version, layout in retired:
+        retired_tables = tables(version)
+        users = retired_tables.users
+        # Layout 2 added lower-cased copies of the fields to the report rows.
+        copies = retired_tables.license_allocations if layout >= 2 else None
         for chunk in _chunks(deleted):
             conn.execute(
                 update(users)
                 .where(users.c.user_id.in_(chunk))
                 .values(dict.fromkeys(PERSONAL_FIELDS))
             )
+            if copies is not None:
+                conn.execute(
+                    update(copies)
+                    .where(copies.c.user_id.in_(chunk))
+                    .values(dict.fromkeys(PERSONAL_KEYS))
+                )
     logger.info(
         "personal data scrubbed users=%d stored_events=%d retired_versions=%d",
         len(deleted),
@@ -143,10 +154,13 @@ def _scrub_store_statement(user_ids: list[int]):
     )
 
 
-def _retired_versions(conn: Connection) -> list[int]:
+def _retired_versions(conn: Connection) -> list[tuple[int, int]]:
+    """Return the version and layout of each retired projection version."""
     registry = schema.projections
-    query = select(registry.c.version).where(registry.c.status == RETIRED)
-    return list(conn.execute(query).scalars())
+    query = select(registry.c.version, registry.c.layout).where(
+        registry.c.status == RETIRED
+    )
+    return [tuple(row) for row in conn.execute(query)]
 
 
 def _chunks(ids: list[int]) -> Iterator[list[int]]:

@@ -24,7 +24,7 @@ from consumer.decoding import decode_stored
 from consumer.events import StoredEvent
 from consumer.timestamps import now_us
 from license_report.collector import rare_collections
-from projections import schema
+from projections import report_rows, schema
 from projections.apply import (
     PreparedBatch,
     prepare_events,
@@ -100,13 +100,15 @@ def _rebuild(
         batches = _read_ahead(engine, projection, position, end, batch_size)
         for batch, position in batches:
             with engine.begin() as conn:
-                write_prepared(conn, projection, batch)
+                write_prepared(conn, projection, batch, copies=False)
                 _set_position(conn, projection, position)
             done += batch.events
             remaining -= batch.events
             if progress:
                 progress(done, done + remaining)
 
+    with engine.begin() as conn:
+        report_rows.refresh_all(conn, projection)
     create_indexes(engine, projection)
     previous, switched_events = _switch(engine, projection, position)
     done += switched_events

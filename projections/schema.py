@@ -27,6 +27,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
+    text,
 )
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY column.
@@ -42,7 +44,7 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 # The layout of projection tables this code reads and writes. Changing a
 # projection table means raising it; a rebuild then creates tables of the new
 # layout, and the commands refuse to run on an older live projection.
-PROJECTION_LAYOUT = 1
+PROJECTION_LAYOUT = 2
 
 
 def _version_columns() -> list[Column]:
@@ -303,7 +305,65 @@ def _license_allocations(metadata: MetaData, name: str) -> Table:
         Column("last_order_sequence", BigInteger, nullable=False),
         Column("last_allocated_us", BigInteger, nullable=True),
         Column("last_unallocated_us", BigInteger, nullable=True),
+        # Copies of what the report filters and sorts by, kept by
+        # projections.report_rows, so a page reads this table alone. The
+        # license's company, or NULL while the license is unknown:
+        Column("company_id", BigInteger, nullable=True),
+        # True when the license is known and not deleted, and the user known,
+        # not deleted and an assigned member of the license's company.
+        Column("listed", Boolean, nullable=False, server_default=false()),
+        Column("suspended", Boolean, nullable=False, server_default=false()),
+        # Lower-cased names; department_key is the smallest lower-cased name
+        # of the user's live departments in the company.
+        Column("lastname_key", Text, nullable=True),
+        Column("firstname_key", Text, nullable=True),
+        Column("email_key", Text, nullable=True),
+        Column("department_key", Text, nullable=True),
+        Column("license_key", Text, nullable=True),
+        Column("course_key", Text, nullable=True),
         Index(None, "license_id", "user_id"),
+        # The default order, whole, so a first page is an index range scan.
+        _listed_index(
+            name,
+            "lastname",
+            "company_id",
+            "lastname_key",
+            "firstname_key",
+            "user_id",
+            "license_id",
+            "course_id",
+        ),
+        # The other sort keys: ties are sorted among rows of equal keys.
+        *(
+            _listed_index(name, key, "company_id", column)
+            for key, column in SORT_INDEX_COLUMNS.items()
+        ),
+    )
+
+
+# The sort keys that have an index of their own, and the column it orders by.
+# Sorting by allocated, allocations or unallocations, which take few distinct
+# values, sorts the company's rows instead.
+SORT_INDEX_COLUMNS = {
+    "firstname": "firstname_key",
+    "email": "email_key",
+    "department": "department_key",
+    "license": "license_key",
+    "course": "course_key",
+    "last_allocated": "last_allocated_us",
+    "last_unallocated": "last_unallocated_us",
+}
+
+
+def _listed_index(table: str, key: str, *columns: str) -> Index:
+    """Return an index over the listed rows, carrying ``suspended`` on PostgreSQL."""
+    listed = text("listed")
+    return Index(
+        f"ix_{table}_{key}_order",
+        *columns,
+        postgresql_where=listed,
+        sqlite_where=listed,
+        postgresql_include=["suspended"],
     )
 
 
