@@ -100,9 +100,7 @@ def _courses_statement(
 ) -> Select:
     allocation, conditions = ReportSql(tables, company_id).visible(include_suspended)
     course = tables.courses
-    source = allocation.outerjoin(
-        course, course.c.course_id == allocation.c.course_id
-    )
+    source = allocation.outerjoin(course, course.c.course_id == allocation.c.course_id)
     if license_id is not None:
         conditions.append(allocation.c.license_id == license_id)
     # GROUP BY, unlike DISTINCT, lets PostgreSQL order by expressions of the

@@ -64,9 +64,7 @@ def refresh(
         members = select(membership.c.user_id).where(
             membership.c.department_id.in_(chunk)
         )
-        _refresh_where(
-            conn, projection, lambda row, m=members: row.c.user_id.in_(m)
-        )
+        _refresh_where(conn, projection, lambda row, m=members: row.c.user_id.in_(m))
     for name, ids in (
         ("user_id", user_ids),
         ("license_id", license_ids),
@@ -91,8 +89,7 @@ def _refresh_where(conn: Connection, projection: Projection, target: Target) -> 
     allocation = projection.license_allocations
     computed = _computed(projection, target)
     differs = [
-        allocation.c[name].is_distinct_from(computed.c[name])
-        for name in COPIED_COLUMNS
+        allocation.c[name].is_distinct_from(computed.c[name]) for name in COPIED_COLUMNS
     ]
     statement = (
         update(allocation)
@@ -117,9 +114,7 @@ def _computed(projection: Projection, target: Target):
     allocation = p.license_allocations.alias("current")
     license_, user, course = p.licenses, p.users, p.courses
     source = (
-        allocation.outerjoin(
-            license_, license_.c.license_id == allocation.c.license_id
-        )
+        allocation.outerjoin(license_, license_.c.license_id == allocation.c.license_id)
         .outerjoin(user, user.c.user_id == allocation.c.user_id)
         .outerjoin(course, course.c.course_id == allocation.c.course_id)
     )

@@ -1,0 +1,187 @@
+"""The report rows' copied columns stay equal to a full recomputation."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine, select
+
+from consumer.batch import decode_values
+from projections import schema
+from projections.apply import apply_batch
+from projections.registry import live_projection
+from projections.report_rows import COPIED_COLUMNS, refresh_all
+from tests.history import generate_history
+from tests.test_projection import apply, event
+
+T0 = "2024-03-01T09:00:00Z"
+T1 = "2024-03-02T09:00:00Z"
+
+
+def copies(engine: Engine) -> list[tuple]:
+    table = schema.license_allocations
+    keys = [table.c.user_id, table.c.license_id, table.c.course_id]
+    columns = [table.c[name] for name in COPIED_COLUMNS]
+    with engine.connect() as conn:
+        rows = conn.execute(select(*keys, *columns).order_by(*keys)).all()
+    return [tuple(row) for row in rows]
+
+
+def recomputed(engine: Engine) -> list[tuple]:
+    """Recompute every row's copies in a transaction that is rolled back."""
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        refresh_all(conn, live_projection(conn))
+        table = schema.license_allocations
+        keys = [table.c.user_id, table.c.license_id, table.c.course_id]
+        columns = [table.c[name] for name in COPIED_COLUMNS]
+        rows = conn.execute(select(*keys, *columns).order_by(*keys)).all()
+        transaction.rollback()
+    return [tuple(row) for row in rows]
+
+
+@pytest.mark.parametrize("batch_size", [1, 37])
+def test_copies_follow_every_change_of_a_history(engine, batch_size):
+    # Renamed users, departments, courses and licenses, moves, suspensions,
+    # deletions and late reference data, delivered out of order.
+    history = generate_history(seed=7, companies=3, users=60)
+    values = [value for _, value in history.messages]
+    for start in range(0, len(values), batch_size):
+        chunk = values[start : start + batch_size]
+        decoded = decode_values(
+            ("test", 0, start + i, value) for i, value in enumerate(chunk)
+        )
+        with engine.begin() as conn:
+            apply_batch(conn, decoded.events, decoded.dead_letters)
+
+    incremental = copies(engine)
+    assert incremental == recomputed(engine)
+    listed = [row for row in incremental if row[COPIED_COLUMNS.index("listed") + 3]]
+    assert 0 < len(listed) < len(incremental)
+    department = COPIED_COLUMNS.index("department_key") + 3
+    assert any(row[department] is not None for row in listed)
+
+
+USER = {"user_id": 1, "firstname": "Ana", "lastname": "Silva", "email": "A@X.org"}
+SETUP = [
+    event("c1", "company.upserted", T0, {"company_id": 1, "name": "Acme"}),
+    event(
+        "d1",
+        "department.upserted",
+        T0,
+        {"department_id": 5, "company_id": 1, "name": "Sales", "parent_id": None},
+    ),
+    event("u1", "user.upserted", T0, USER),
+    event(
+        "m1",
+        "user.department.assigned",
+        T0,
+        {"user_id": 1, "company_id": 1, "department_id": 5},
+    ),
+    event(
+        "l1",
+        "license.upserted",
+        T0,
+        {
+            "license_id": 10,
+            "company_id": 1,
+            "name": "Safety",
+            "reusable": False,
+            "program": False,
+        },
+    ),
+    event("k1", "course.upserted", T0, {"course_id": 100, "name": "Ladders"}),
+    event(
+        "a1",
+        "license.allocated",
+        T0,
+        {"user_id": 1, "license_id": 10, "course_id": 100},
+    ),
+]
+
+
+def only_row(engine: Engine) -> dict:
+    table = schema.license_allocations
+    with engine.connect() as conn:
+        return dict(conn.execute(select(table)).mappings().one())
+
+
+def test_copies_of_one_row(engine):
+    apply(engine, SETUP)
+    row = only_row(engine)
+    assert row["company_id"] == 1
+    assert row["listed"] is True
+    assert row["suspended"] is False
+    assert (row["lastname_key"], row["firstname_key"]) == ("silva", "ana")
+    assert row["email_key"] == "a@x.org"
+    assert row["department_key"] == "sales"
+    assert (row["license_key"], row["course_key"]) == ("safety", "ladders")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        pytest.param(
+            event("u2", "user.upserted", T1, USER | {"lastname": "Émond"}),
+            {"lastname_key": "émond", "listed": True},
+            id="user-renamed",
+        ),
+        pytest.param(
+            event("u2", "user.upserted", T1, USER | {"suspended": True}),
+            {"suspended": True, "listed": True},
+            id="user-suspended",
+        ),
+        pytest.param(
+            event("u2", "user.deleted", T1, {"user_id": 1}),
+            {"listed": False, "lastname_key": None, "email_key": None},
+            id="user-deleted",
+        ),
+        pytest.param(
+            event(
+                "d2",
+                "department.upserted",
+                T1,
+                {"department_id": 5, "company_id": 1, "name": "Ops", "parent_id": None},
+            ),
+            {"department_key": "ops"},
+            id="department-renamed",
+        ),
+        pytest.param(
+            event("d2", "department.deleted", T1, {"department_id": 5}),
+            {"department_key": None, "listed": True},
+            id="department-deleted",
+        ),
+        pytest.param(
+            event(
+                "m2",
+                "user.department.unassigned",
+                T1,
+                {"user_id": 1, "company_id": 1, "department_id": 5},
+            ),
+            {"listed": False, "department_key": None},
+            id="membership-ended",
+        ),
+        pytest.param(
+            event("l2", "license.deleted", T1, {"license_id": 10}),
+            {"listed": False, "company_id": None, "license_key": None},
+            id="license-deleted",
+        ),
+        pytest.param(
+            event("k2", "course.upserted", T1, {"course_id": 100, "name": "Roofs"}),
+            {"course_key": "roofs"},
+            id="course-renamed",
+        ),
+    ],
+)
+def test_copies_follow_a_later_change(engine, change, expected):
+    apply(engine, SETUP)
+    apply(engine, [change])
+    row = only_row(engine)
+    assert {name: row[name] for name in expected} == expected
+    assert copies(engine) == recomputed(engine)
+
+
+def test_copies_of_a_row_whose_references_come_later(engine):
+    apply(engine, SETUP[-1:])
+    assert only_row(engine)["listed"] is False
+    apply(engine, SETUP[:-1])
+    assert only_row(engine)["listed"] is True
