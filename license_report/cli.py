@@ -45,14 +45,19 @@ def _settings(**overrides: object) -> Settings:
     return settings
 
 
-def _engine(settings: Settings, check_schema: bool = True):
+def _engine(settings: Settings, check_schema: bool = True, any_layout: bool = False):
+    """Open the database; with ``check_schema``, refuse an outdated one.
+
+    ``any_layout`` accepts a live projection of an older layout, which only a
+    rebuild from the event store replaces.
+    """
     from projections.migrate import check_current
     from projections.sql import make_engine
 
     engine = make_engine(settings.database_url)
     if check_schema:
         try:
-            check_current(engine)
+            check_current(engine, any_layout=any_layout)
         except LicenseReportError as error:
             _fail(str(error))
     return engine
@@ -253,7 +258,7 @@ def rebuild(
     for path in files:
         if path != "-" and not Path(path).is_file():
             _fail(f"--from {path}: file not found; use store, kafka or a file path")
-    engine = _engine(settings)
+    engine = _engine(settings, any_layout=sources == ["store"])
     if sources == ["kafka"]:
         replay_values(engine, read_topic(settings))
     elif files:

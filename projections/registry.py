@@ -25,8 +25,13 @@ def tables(version: int) -> Projection:
     return projection_tables(version)
 
 
-def live_projection(conn: Connection, lock: bool = False) -> Projection:
+def live_projection(
+    conn: Connection, lock: bool = False, any_layout: bool = False
+) -> Projection:
     """Return the live projection's tables.
+
+    Raises SchemaOutOfDate when there is none, or, unless ``any_layout``, when
+    it has a layout other than this code's.
 
     With ``lock``, hold a shared lock on the registry row until the transaction
     ends, so a rebuild cannot switch versions under a batch that writes.
@@ -55,7 +60,7 @@ def live_projection(conn: Connection, lock: bool = False) -> Projection:
         raise SchemaOutOfDate(
             "the database has no live projection; run `license-report migrate`"
         )
-    if row.layout != PROJECTION_LAYOUT:
+    if row.layout != PROJECTION_LAYOUT and not any_layout:
         raise SchemaOutOfDate(
             f"the live projection has layout {row.layout} but this version of "
             f"license-report needs layout {PROJECTION_LAYOUT}; run "

@@ -7,7 +7,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from typer.testing import CliRunner
 
 from api.app import create_app
@@ -232,3 +232,32 @@ def test_commands_refuse_old_schema(database_url, engine):
     )
     assert result.exit_code == 2
     assert "license-report rebuild --from store" in result.output
+
+
+def test_rebuild_from_store_replaces_an_older_layout(database_url, engine, history):
+    """A live projection of layout 1, whose report rows lack the copied columns."""
+    from projections.report_rows import COPIED_COLUMNS
+
+    _apply(engine, history.messages)
+    with engine.begin() as conn:
+        table = live_projection(conn).license_allocations
+        for index in table.indexes:
+            if index.name.endswith("_order"):
+                index.drop(conn)
+        for name in COPIED_COLUMNS:
+            conn.execute(text(f'ALTER TABLE "{table.name}" DROP COLUMN "{name}"'))
+        conn.execute(update(schema.projections).values(layout=1))
+    runner = CliRunner()
+    environment = {"LICENSE_REPORT_DATABASE_URL": database_url}
+    refused = runner.invoke(cli, ["replay", "-"], env=environment)
+
+    rebuilt = runner.invoke(cli, ["rebuild", "--from", "store"], env=environment)
+
+    assert refused.exit_code == 2
+    assert "layout 1" in refused.output
+    assert rebuilt.exit_code == 0, rebuilt.output
+    with engine.connect() as conn:
+        assert live_projection(conn).version == 2
+    assert verify(engine).differences == []
+    replayed = runner.invoke(cli, ["replay", "-"], input="", env=environment)
+    assert replayed.exit_code == 0, replayed.output
