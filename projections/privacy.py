@@ -13,7 +13,16 @@ import logging
 from collections.abc import Collection, Iterator
 from typing import Any
 
-from sqlalchemy import Connection, Text, exists, func, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Text,
+    exists,
+    func,
+    literal,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -121,10 +130,16 @@ def subject_user_id(event: Event) -> int | None:
 def _deleted_users(conn: Connection, user_ids: list[int]) -> list[int]:
     """Return the ids among ``user_ids`` that have a user.deleted event stored."""
     store = schema.event_store
+    # The type is rendered into the SQL text, not bound, so that the condition
+    # matches the predicate of the partial index ix_event_store_user_deleted.
+    # psycopg prepares a query once it has run 5 times, and PostgreSQL may then
+    # switch to a generic plan, which cannot use that index when the type is a
+    # parameter.
+    deletion = store.c.type == literal("user.deleted", literal_execute=True)
     found: set[int] = set()
     for chunk in _chunks(user_ids):
         query = select(store.c.subject_user_id).where(
-            store.c.subject_user_id.in_(chunk), store.c.type == "user.deleted"
+            store.c.subject_user_id.in_(chunk), deletion
         )
         found.update(conn.execute(query.distinct()).scalars())
     return sorted(found)

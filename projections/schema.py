@@ -76,6 +76,16 @@ event_store = Table(
     # events without parsing every payload. NULL for other events.
     Column("subject_user_id", BigInteger, nullable=True),
     Index(None, "subject_user_id"),
+    # The stored deletions alone, so that projections.privacy finds which users
+    # of a batch are deleted without reading their other events. A query
+    # matches this predicate reliably only when the type value is written into
+    # the SQL text: see privacy._deleted_users.
+    Index(
+        "ix_event_store_user_deleted",
+        "subject_user_id",
+        postgresql_where=text("type = 'user.deleted'"),
+        sqlite_where=text("type = 'user.deleted'"),
+    ),
 )
 
 dead_letters = Table(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 import pytest
 from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, MetaData, inspect, select, text
+from sqlalchemy import Connection, Engine, MetaData, event, inspect, select, text
 from typer.testing import CliRunner
 
 from api.app import create_app
@@ -17,6 +19,7 @@ from license_report.keys_cli import purge_user
 from license_report.settings import Settings
 from projections import migrate, schema
 from projections.apply import IncomingEvent, apply_batch
+from projections.privacy import scrub_deleted_users
 from projections.rebuild import rebuild_from_store
 from projections.verify import verify
 from tests.api_data import (
@@ -271,3 +274,59 @@ def test_migration_blanks_deleted_users_already_stored(database_url, engine):
     assert (alice["firstname"], alice["lastname"], alice["email"]) == ("", "", "")
     assert alice["user_id"] == ALICE
     assert (bob["firstname"], bob["lastname"], bob["email"]) == BOB_DATA
+
+
+def query_plan(conn: Connection, statement: str, parameters) -> str:
+    """Return the plan of a statement as the driver sent it, with its parameters.
+
+    On PostgreSQL it is the generic plan, made once for all parameter values,
+    which PostgreSQL may use after psycopg has prepared a statement that ran 5
+    times. Sequential scans are off, so that the few rows of a test database
+    still get an index. SQLite (3.40) plans with the bound values, so there a
+    bound type would match the partial index too.
+    """
+    if conn.dialect.name == "sqlite":
+        rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+        return "\n".join(row[3] for row in rows)
+
+    positions: dict[str, int] = {}
+
+    def placeholder(match: re.Match) -> str:
+        position = positions.setdefault(match.group(1), len(positions) + 1)
+        return f"${position}"
+
+    prepared = re.sub(r"%\((\w+)\)s", placeholder, statement)
+    arguments = ", ".join(sql_literal(parameters[name]) for name in positions)
+    conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    conn.exec_driver_sql(f"PREPARE planned AS {prepared}")
+    try:
+        rows = conn.exec_driver_sql(f"EXPLAIN EXECUTE planned({arguments})")
+        return "\n".join(row[0] for row in rows)
+    finally:
+        conn.exec_driver_sql("DEALLOCATE planned")
+
+
+def sql_literal(value: int | str) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return "'" + value.replace("'", "''") + "'"
+
+
+def test_deleted_user_lookup_uses_partial_index(engine):
+    load_history(engine)
+    statements = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        statements.append((statement, parameters))
+
+    with engine.connect() as conn:
+        event.listen(conn, "before_cursor_execute", record)
+        scrub_deleted_users(conn, [ALICE, BOB, EVE])
+        event.remove(conn, "before_cursor_execute", record)
+        lookup, parameters = statements[0]
+        plan = query_plan(conn, lookup, parameters)
+        conn.rollback()
+
+    assert lookup.startswith("SELECT DISTINCT event_store.subject_user_id")
+    assert "ix_event_store_user_deleted" in plan
