@@ -147,8 +147,8 @@ def serve(
 ) -> None:
     """Serve the report API with uvicorn."""
     settings = _settings(database_url=database_url, api_host=host, api_port=port)
-    if not settings.key_scopes():
-        logger.warning("no API keys configured: every request will get 401")
+    # The app's lifespan (api.app) warns at start-up when no request can
+    # authenticate, after it has counted the unrevoked stored keys.
     _serve(settings, _engine(settings))
 
 

@@ -251,3 +251,56 @@ def test_scope_check_constraint(engine):
                 "created_at_us) VALUES ('abcdefgh', 'x', 'n', 'department', 1, 0)"
             )
         )
+
+
+@pytest.fixture
+def serve(run, monkeypatch, caplog):
+    """Run `license-report serve` through the app's start-up and shutdown only.
+
+    uvicorn.run is replaced by a TestClient that runs the app's lifespan, so no
+    port is opened. The returned function runs the command and returns its
+    result and the messages of the warnings logged meanwhile.
+    """
+    import uvicorn
+
+    for name in ("API_KEYS", "JWT_KEY", "TRUSTED_PROXY_HEADER"):
+        monkeypatch.delenv(f"LICENSE_REPORT_{name}", raising=False)
+
+    def start_and_stop(application, **_options):
+        with TestClient(application):
+            pass
+
+    monkeypatch.setattr(uvicorn, "run", start_and_stop)
+
+    def invoke():
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        result = run("serve")
+        warnings = [
+            record.getMessage()
+            for record in caplog.records
+            if record.levelno == logging.WARNING
+        ]
+        return result, warnings
+
+    return invoke
+
+
+def test_serve_with_stored_key_does_not_warn(run, serve):
+    created_key(run("keys", "create", "--name", "stored only", "--all"))
+
+    result, warnings = serve()
+
+    assert result.exit_code == 0, result.output
+    assert warnings == []
+
+
+def test_serve_warns_once_without_credentials(run, serve):
+    key = created_key(run("keys", "create", "--name", "revoked", "--all"))
+    assert run("keys", "revoke", key[:8]).exit_code == 0
+
+    result, warnings = serve()
+
+    assert result.exit_code == 0, result.output
+    assert len(warnings) == 1
+    assert "every report request is rejected with 401" in warnings[0]
