@@ -117,6 +117,7 @@ def replicate_companies(engine: Engine, copies: int) -> None:
                 "user_id": f"user_id + {shift}",
                 "license_id": f"license_id + {shift}",
                 "course_id": f"course_id + {shift}",
+                "company_id": f"company_id + {shift}",
             },
             series,
         ),
