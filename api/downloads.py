@@ -1,7 +1,7 @@
 """CSV and XLSX downloads of the license allocations report.
 
 A download contains every row that matches the request's filters, in its sort
-order; ``page`` and ``per_page`` are ignored. The rows are read with a
+order; ``page``, ``per_page`` and ``cursor`` are ignored. The rows are read with a
 server-side cursor (PostgreSQL) or SQLite's lazy cursor, ``FETCH_ROWS`` at a
 time, so the server's memory does not grow with the number of rows. A CSV is
 streamed as it is written. An XLSX is written to a temporary file first,
@@ -172,6 +172,7 @@ def download_response(
     # Imported here because api.report imports this module for its endpoint.
     from api.report import count_rows, page_statement, report_source, row_json
 
+    query = replace(query, after=None)
     zone = ZoneInfo(download.time_zone)
     cells = row_cells_formatter(download.date_format, zone)
     stack = ExitStack()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import string
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -158,6 +159,8 @@ def report_page(
     query: Annotated[ReportQuery, Depends(report_query)],
 ) -> Response:
     """Render the company's report with its filters, selectors and pages."""
+    # The page links pages by number; a cursor from the JSON API does not apply.
+    query = replace(query, after=None)
     with report_source(request, query) as (conn, tables):
         total, rows, freshness = fetch_report(conn, tables, company_id, query)
         licenses = list_licenses(conn, tables, company_id)

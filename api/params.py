@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -9,6 +11,7 @@ from functools import cache
 from typing import Annotated, Literal, get_args
 from zoneinfo import ZoneInfo, available_timezones
 
+import orjson
 from fastapi import Query
 from pydantic import AfterValidator
 
@@ -94,6 +97,54 @@ TextFilter = Annotated[str | None, Query(max_length=1000)]
 
 
 @dataclass(frozen=True, slots=True)
+class RowKey:
+    """The primary key of one report row, which a cursor names."""
+
+    user_id: int
+    license_id: int
+    course_id: int
+
+
+def encode_cursor(key: RowKey) -> str:
+    """Return the cursor that continues the report after the row ``key``.
+
+    It holds only the row's ids, as base64url JSON without padding, so it
+    carries no personal data into URLs and logs.
+    """
+    ids = [key.user_id, key.license_id, key.course_id]
+    return base64.urlsafe_b64encode(orjson.dumps(ids)).rstrip(b"=").decode()
+
+
+def decode_cursor(text: str) -> RowKey:
+    """Return the row key of a cursor, or raise ValueError naming what is wrong."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        ids = orjson.loads(raw)
+    except (binascii.Error, ValueError):
+        ids = None
+    valid = (
+        isinstance(ids, list)
+        and len(ids) == 3
+        and all(type(value) is int and 0 <= value <= MAX_ID for value in ids)
+    )
+    if not valid:
+        raise ValueError(
+            "must be a next_cursor value from an earlier response of this "
+            "endpoint; request the first page without cursor to get one"
+        )
+    return RowKey(*ids)
+
+
+def _check_cursor(value: str | None) -> str | None:
+    if value is not None:
+        decode_cursor(value)
+    return value
+
+
+CursorText = Annotated[str | None, AfterValidator(_check_cursor), Query(max_length=200)]
+
+
+@dataclass(frozen=True, slots=True)
 class InstantRange:
     """Microseconds since the epoch: ``start_us`` inclusive, ``end_us`` exclusive."""
 
@@ -122,6 +173,8 @@ class ReportQuery:
     descending: bool = False
     page: int = 1
     per_page: int = DEFAULT_PER_PAGE
+    # The row after which the page starts, instead of a page number.
+    after: RowKey | None = None
     # Microseconds since the epoch of a point-in-time report, or None for now.
     as_of_us: int | None = None
 
@@ -151,6 +204,7 @@ def report_query(
     order: Literal["asc", "desc"] = "asc",
     page: Annotated[int, Query(ge=1)] = 1,
     per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE)] = DEFAULT_PER_PAGE,
+    cursor: CursorText = None,
     as_of: Annotated[str | None, AfterValidator(_check_instant), Query()] = None,
 ) -> ReportQuery:
     """Build the ReportQuery of a request, or raise 422 for inconsistent parameters."""
@@ -159,6 +213,12 @@ def report_query(
         *_check_range("unallocated", unallocated_from, unallocated_to),
         *_check_offset(page, per_page),
     ]
+    if cursor is not None and page != 1:
+        message = (
+            "page and cursor cannot be combined; leave out page to continue "
+            "from the cursor, or leave out cursor to request a page by number"
+        )
+        problems.append(Problem(message, "page", "query", "value_error"))
     if problems:
         raise ApiError(422, problems)
     zone = ZoneInfo(tz)
@@ -180,6 +240,7 @@ def report_query(
         descending=order == "desc",
         page=page,
         per_page=per_page,
+        after=None if cursor is None else decode_cursor(cursor),
         as_of_us=None if as_of is None else parse_rfc3339(as_of),
     )
 

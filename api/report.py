@@ -41,7 +41,7 @@ from api.downloads import (
 )
 from api.errors import ApiError, JsonResponse, Problem
 from api.lookups import Freshness, id_checks, verify_ids
-from api.params import ReportQuery, report_query
+from api.params import ReportQuery, RowKey, encode_cursor, report_query
 from api.report_sql import ReportSql, page_order
 from consumer.timestamps import format_us
 from projections.as_of import SnapshotTooLarge
@@ -76,12 +76,21 @@ def get_license_allocations(
     body = {
         "company_id": company_id,
         "total": total,
-        "page": query.page,
+        "page": None if query.after is not None else query.page,
         "per_page": query.per_page,
+        "next_cursor": _next_cursor(rows, query),
         "rows": rows,
         **freshness.to_json(),
     }
     return JsonResponse(body)
+
+
+def _next_cursor(rows: list[dict[str, Any]], query: ReportQuery) -> str | None:
+    """Return the cursor after the page's last row, or None after a short page."""
+    if len(rows) < query.per_page:
+        return None
+    last = rows[-1]
+    return encode_cursor(RowKey(last["user_id"], last["license_id"], last["course_id"]))
 
 
 def _fetch_as_of(
@@ -155,10 +164,18 @@ def count_rows(
     source, conditions = report.visible(query.include_suspended, query.department_id)
     conditions.extend(report.filters(query))
     checks = id_checks(tables, company_id, query.license_id, query.department_id)
+    if query.after is not None:
+        checks.append(report.anchor_check(query.after))
     count = select(func.count().label("total"), *checks)
     result = conn.execute(count.select_from(source).where(*conditions))
     counted = result.mappings().one()
     freshness = verify_ids(counted, company_id, query.license_id, query.department_id)
+    if query.after is not None and not counted["cursor_known"]:
+        message = (
+            "the row this cursor continues after is no longer in the report of "
+            f"company {company_id}; request the first page again without cursor"
+        )
+        raise ApiError(422, [Problem(message, "cursor", "query", "value_error")])
     return MatchingRows(report, source, conditions, counted["total"], freshness)
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import (
     FromClause,
     Select,
     Subquery,
+    and_,
     case,
     exists,
     false,
@@ -20,12 +21,13 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    tuple_,
     union_all,
 )
 
 from api.auth import department_limit
 from api.database import JsonArrayAgg, UnicodeLower
-from api.params import InstantRange, ReportQuery
+from api.params import InstantRange, ReportQuery, RowKey
 from projections.ordering import ALLOCATED, UNALLOCATED
 from projections.schema import Projection
 
@@ -248,7 +250,10 @@ class ReportSql:
             allocation.c.firstname_key,
         ]
         rows = select(*columns).select_from(source).where(*conditions)
+        anchor = None if query.after is None else self.anchor(query.after, query.sort)
         if not nullable:
+            if anchor is not None:
+                rows = rows.where(_after(rows.selected_columns, anchor, query))
             ordered = rows.order_by(
                 *_index_order(rows.selected_columns, query.descending)
             )
@@ -257,10 +262,23 @@ class ReportSql:
 
         end = query.offset + query.per_page
         present = rows.where(sort_value.is_not(None))
+        missing = rows.where(sort_value.is_(None))
+        if anchor is not None:
+            # After a row with a value: later rows with a value, then every
+            # row without. After a row without: later rows without a value.
+            present = present.where(
+                anchor.c.sort_value.is_not(None),
+                _after(present.selected_columns, anchor, query),
+            )
+            missing = missing.where(
+                or_(
+                    anchor.c.sort_value.is_not(None),
+                    _after_ties(missing.selected_columns, anchor),
+                )
+            )
         present = present.order_by(
             *_index_order(present.selected_columns, query.descending)
         ).limit(end)
-        missing = rows.where(sort_value.is_(None))
         missing = missing.order_by(
             *_index_order(missing.selected_columns, query.descending)[1:]
         ).limit(end)
@@ -271,6 +289,42 @@ class ReportSql:
         page = select(both).order_by(*page_order(both.c, query.descending))
         return page.limit(query.per_page).offset(query.offset).subquery("page_keys")
 
+    def anchor(self, key: RowKey, sort: str) -> ScalarValues:
+        """Return scalar subqueries of the order values of the row ``key`` names.
+
+        ``anchor_check`` tells whether that row is one of the company's.
+        """
+        row = self.tables.license_allocations.alias("anchor")
+        sort_value, _, _ = self._sort_value_of(row, sort)
+        values = {
+            "sort_value": sort_value,
+            "lastname_key": row.c.lastname_key,
+            "firstname_key": row.c.firstname_key,
+            "user_id": row.c.user_id,
+            "license_id": row.c.license_id,
+            "course_id": row.c.course_id,
+        }
+        where = _key_of(row, key)
+        return ScalarValues(
+            {
+                name: select(value).where(*where).scalar_subquery()
+                for name, value in values.items()
+            }
+        )
+
+    def anchor_check(self, key: RowKey) -> ColumnElement[bool]:
+        """Return a labelled EXISTS: the row ``key`` names is listed in the company."""
+        row = self.tables.license_allocations.alias("anchor_check")
+        return (
+            exists()
+            .where(
+                *_key_of(row, key),
+                row.c.company_id == self.company_id,
+                row.c.listed == true(),
+            )
+            .label("cursor_known")
+        )
+
     def _sort_value(
         self, sort: str, source: FromClause
     ) -> tuple[ColumnElement, FromClause, bool]:
@@ -279,22 +333,37 @@ class ReportSql:
         On listed rows the user's names and email and the license's name are
         never NULL, because the events that set them require them.
         """
-        allocation = self.tables.license_allocations
+        value, join, nullable = self._sort_value_of(
+            self.tables.license_allocations, sort
+        )
+        if join is not None:
+            source = source.outerjoin(*join)
+        return value, source, nullable
+
+    def _sort_value_of(
+        self, row: FromClause, sort: str
+    ) -> tuple[ColumnElement, tuple | None, bool]:
+        """Return the sort value of ``row``, a join it needs, and if it can be NULL."""
         match sort:
             case "lastname" | "firstname" | "email" | "license":
-                return allocation.c[f"{sort}_key"], source, False
+                return row.c[f"{sort}_key"], None, False
             case "department" if self.scope_department_id is not None:
                 first = self._first_department_names()
-                joined = source.outerjoin(
-                    first, first.c.user_id == allocation.c.user_id
-                )
-                return first.c.name_key, joined, True
+                if row is not self.tables.license_allocations:
+                    # The anchor's value, looked up by its user.
+                    value = (
+                        select(first.c.name_key)
+                        .where(first.c.user_id == row.c.user_id)
+                        .scalar_subquery()
+                    )
+                    return value, None, True
+                return first.c.name_key, (first, first.c.user_id == row.c.user_id), True
             case "department" | "course":
-                return allocation.c[f"{sort}_key"], source, True
+                return row.c[f"{sort}_key"], None, True
             case "allocated" | "allocations" | "unallocations":
-                return allocation.c[sort], source, False
+                return row.c[sort], None, False
             case "last_allocated" | "last_unallocated":
-                return allocation.c[f"{sort}_us"], source, True
+                return row.c[f"{sort}_us"], None, True
         raise ValueError(f"unknown sort key {sort!r}")
 
     def _first_department_names(self) -> Subquery:
@@ -356,6 +425,59 @@ def _index_order(keys, descending: bool) -> list[ColumnElement]:
         keys.license_id.asc(),
         keys.course_id.asc(),
     ]
+
+
+class ScalarValues:
+    """Named scalar subqueries, read as ``values.c.<name>`` like a row's columns."""
+
+    def __init__(self, values: dict[str, ColumnElement]) -> None:
+        self.c = _Names(values)
+
+
+class _Names(dict):
+    def __getattr__(self, name: str) -> ColumnElement:
+        return self[name]
+
+
+def _key_of(row: FromClause, key: RowKey) -> list[ColumnElement[bool]]:
+    return [
+        row.c.user_id == key.user_id,
+        row.c.license_id == key.license_id,
+        row.c.course_id == key.course_id,
+    ]
+
+
+def _ties(keys) -> tuple[ColumnElement, ...]:
+    return (
+        keys.lastname_key,
+        keys.firstname_key,
+        keys.user_id,
+        keys.license_id,
+        keys.course_id,
+    )
+
+
+def _after_ties(keys, anchor: ScalarValues) -> ColumnElement[bool]:
+    """Rows whose tie-breakers, all ascending, come after the anchor's."""
+    return tuple_(*_ties(keys)) > tuple_(*_ties(anchor.c))
+
+
+def _after(keys, anchor: ScalarValues, query: ReportQuery) -> ColumnElement[bool]:
+    """Rows with a sort value that come after the anchor in the request's order.
+
+    The bound on the sort value alone comes first, so that an index on it
+    starts its scan at the anchor.
+    """
+    sort_value, anchor_value = keys.sort_value, anchor.c.sort_value
+    if query.descending:
+        return and_(
+            sort_value <= anchor_value,
+            or_(sort_value < anchor_value, _after_ties(keys, anchor)),
+        )
+    return and_(
+        sort_value >= anchor_value,
+        or_(sort_value > anchor_value, _after_ties(keys, anchor)),
+    )
 
 
 def nulls_last(

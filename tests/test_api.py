@@ -795,3 +795,96 @@ def test_department_tree_cuts_cycle():
     tree = department_tree([(1, "A", 2), (2, "B", 1), (3, "C", None)])
     assert [node["department_id"] for node in tree] == [1, 3]
     assert [child["department_id"] for child in tree[0]["children"]] == [2]
+
+
+def cursor_pages(client, per_page: int, **params) -> tuple[list, list[dict]]:
+    """Follow next_cursor from the first page; return the keys and the bodies."""
+    keys, bodies, cursor = [], [], None
+    while True:
+        page_params = dict(params, per_page=per_page)
+        if cursor is not None:
+            page_params["cursor"] = cursor
+        body = report(client, **page_params)
+        keys.extend(keys_of(body))
+        bodies.append(body)
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return keys, bodies
+        assert len(bodies) <= len(ACME_ROWS) + 1
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+@pytest.mark.parametrize("sort", SORT_KEYS)
+def test_report_cursor_pages_follow_the_order(client, sort, order):
+    params = {"include_suspended": "true", "sort": sort, "order": order}
+    everything = keys_of(report(client, **params))
+
+    paged, bodies = cursor_pages(client, per_page=2, **params)
+
+    assert paged == everything
+    assert bodies[0]["page"] == 1
+    assert all(body["page"] is None for body in bodies[1:])
+    assert all(body["total"] == len(everything) for body in bodies)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param({"license_id": SAFETY}, id="license"),
+        pytest.param({"department_id": SALES, "sort": "department"}, id="department"),
+        pytest.param({"search": "a", "sort": "last_unallocated"}, id="search"),
+    ],
+)
+def test_report_cursor_pages_with_filters(client, params):
+    everything = keys_of(report(client, **params))
+    paged, _ = cursor_pages(client, per_page=1, **params)
+    assert paged == everything
+
+
+def test_report_cursor_ends_on_a_short_page(client):
+    body = report(client, per_page=1000)
+    assert body["next_cursor"] is None
+    first = report(client, per_page=1)
+    assert first["next_cursor"] is not None
+
+
+def test_report_cursor_from_a_page_number(client):
+    everything = keys_of(report(client))
+    second = report(client, per_page=2, page=2)
+    rest = report(client, per_page=1000, cursor=second["next_cursor"])
+    assert keys_of(second) + keys_of(rest) == everything[2:]
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["", "not base64!", "WzEsMl0", "eyJ1IjogMX0", "WyJhIiwyLDNd", "Wy0xLDIsM10"],
+    ids=["empty", "not-base64", "two-ids", "object", "text-id", "negative"],
+)
+def test_report_cursor_malformed(client, cursor):
+    response = get(client, REPORT.format(company=ACME), cursor=cursor)
+    assert response.status_code == 422
+    assert parameters_of(response) == ["cursor"]
+
+
+def test_report_cursor_with_page_number(client):
+    cursor = report(client, per_page=1)["next_cursor"]
+    response = get(client, REPORT.format(company=ACME), cursor=cursor, page=2)
+    assert response.status_code == 422
+    assert parameters_of(response) == ["page"]
+
+
+def test_report_cursor_of_another_company(client):
+    cursor = report(client, company=GLOBEX, per_page=1)["next_cursor"]
+    response = get(client, REPORT.format(company=ACME), cursor=cursor)
+    assert response.status_code == 422
+    assert parameters_of(response) == ["cursor"]
+    assert "no longer in the report of company" in response.text
+
+
+def test_report_cursor_of_a_missing_row(client):
+    from api.params import RowKey, encode_cursor
+
+    cursor = encode_cursor(RowKey(999_999, SAFETY, FIRE_SAFETY))
+    response = get(client, REPORT.format(company=ACME), cursor=cursor)
+    assert response.status_code == 422
+    assert parameters_of(response) == ["cursor"]

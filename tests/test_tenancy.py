@@ -604,3 +604,28 @@ def hs256_signed(claims: dict, secret: bytes) -> str:
     signing_input = f"{header}.{payload}".encode()
     signature = hmac.new(secret, signing_input, hashlib.sha256).digest()
     return f"{header}.{payload}.{encode(signature)}"
+
+
+def test_cursor_pages_stay_in_scope(tenancy):
+    _, rows = expected_report(SALES_SUBTREE, ACME, None)
+    params = {"per_page": 1, "sort": "department", "order": "desc"}
+    headers = bearer(tenancy.keys[SALES_SUBTREE])
+    everything = tenancy.client.get(
+        REPORT.format(company=ACME), params=dict(params, per_page=1000), headers=headers
+    ).json()["rows"]
+    seen = []
+    cursor = None
+    for _ in range(len(rows) + 1):
+        page_params = dict(params) if cursor is None else dict(params, cursor=cursor)
+        response = tenancy.client.get(
+            REPORT.format(company=ACME), params=page_params, headers=headers
+        )
+        assert response.status_code == 200
+        body = response.json()
+        seen.extend(row_keys(body))
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    ordered = [(r["user_id"], r["license_id"], r["course_id"]) for r in everything]
+    assert seen == ordered
+    assert set(seen) == rows
