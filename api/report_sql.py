@@ -232,12 +232,12 @@ class ReportSql:
         their correlated subqueries run for the page's rows only, not for the
         rows that OFFSET skips.
 
-        Each sort key has an index over the company's listed rows (see
-        projections.schema), which returns rows in the key's order in either
-        direction. Since NULL comes last in both, a key that can be NULL is
-        read in two parts, the rows with a value and the rows without, each
-        from the index and cut at the page's end, and the page is taken from
-        their union.
+        Most sort keys have an index over the company's listed rows (see
+        projections.schema.SORT_INDEX_COLUMNS), which returns rows in the key's
+        order in either direction. Since NULL comes last in both, a key that
+        can be NULL is read in two parts, the rows with a value and the rows
+        without, each cut at the page's end, and the page is taken from their
+        union.
         """
         allocation = self.tables.license_allocations
         sort_value, source, nullable = self._sort_value(query.sort, source)

@@ -291,7 +291,10 @@ def _refresh_copies(
 ) -> None:
     """Refresh the copied columns of the report rows that the batch can change."""
     references = batch.references
-    user_ids = {row["user_id"] for row in batch.license_events}
+    user_ids = set()
+    if conn.dialect.name != "postgresql":
+        # On PostgreSQL the fold writes the copies of the rows it changes.
+        user_ids.update(row["user_id"] for row in batch.license_events)
     for name in ("users", "memberships"):
         user_ids.update(row["user_id"] for row in references.get(name, ()))
     report_rows.refresh(
@@ -526,16 +529,25 @@ def _fold_in_database(
             func.max(new.c.at_us).filter(unallocation).label("last_unallocated_us"),
         )
         .group_by(*keys)
-        .order_by(*keys)
+        .subquery("delta")
     )
+    # The rows' copied columns, from the reference rows this batch has
+    # already written, so report_rows.refresh need not visit these rows.
+    source, copies = report_rows.with_copies(projection, delta, select(new.c.user_id))
+    ordered = [delta.c.user_id, delta.c.license_id, delta.c.course_id]
+    rows = select(delta, *copies).select_from(source).order_by(*ordered)
     table = projection.license_allocations
-    names = [column.name for column in delta.selected_columns]
-    statement = insert(conn, table).from_select(names, delta)
+    names = [column.name for column in rows.selected_columns]
+    statement = insert(conn, table).from_select(names, rows)
     conn.execute(_merge_allocations(table, statement))
 
 
 def _merge_allocations(table, statement):
-    """Add ON CONFLICT to an INSERT of report row deltas: add counts, keep latest."""
+    """Add ON CONFLICT to an INSERT of report row deltas: add counts, keep latest.
+
+    Copied columns in the INSERT apply to new rows only: those of existing rows
+    change with reference data, which report_rows.refresh handles.
+    """
     excluded = statement.excluded
     newer = tuple_(excluded.last_time_us, excluded.last_order_sequence) > tuple_(
         table.c.last_time_us, table.c.last_order_sequence

@@ -16,8 +16,9 @@ from sqlalchemy import (
     Alias,
     ColumnElement,
     Connection,
+    FromClause,
+    Select,
     and_,
-    exists,
     false,
     func,
     or_,
@@ -78,11 +79,15 @@ def refresh(
 
 def refresh_all(conn: Connection, projection: Projection) -> None:
     """Recompute the copied columns of every report row."""
-    _refresh_where(conn, projection, lambda row: true())
+    _refresh_where(conn, projection, _every_row)
 
 
 # Given the table of the rows to recompute, the condition that selects them.
 Target = Callable[[Alias], ColumnElement[bool]]
+
+
+def _every_row(row: Alias) -> ColumnElement[bool]:
+    return true()
 
 
 def _refresh_where(conn: Connection, projection: Projection, target: Target) -> None:
@@ -110,18 +115,47 @@ def _computed(projection: Projection, target: Target):
     The rows are read through an alias, so the UPDATE's own table and the one
     read here stay apart.
     """
-    p = projection
-    allocation = p.license_allocations.alias("current")
-    license_, user, course = p.licenses, p.users, p.courses
-    source = (
-        allocation.outerjoin(license_, license_.c.license_id == allocation.c.license_id)
-        .outerjoin(user, user.c.user_id == allocation.c.user_id)
-        .outerjoin(course, course.c.course_id == allocation.c.course_id)
+    allocation = projection.license_allocations.alias("current")
+    users = None
+    if target is not _every_row:
+        # An alias of its own, so the subquery does not correlate to "current".
+        target_rows = projection.license_allocations.alias("target_rows")
+        users = select(target_rows.c.user_id).where(target(target_rows))
+    source, columns = with_copies(projection, allocation, users)
+    keys = [allocation.c.user_id, allocation.c.license_id, allocation.c.course_id]
+    return (
+        select(*keys, *columns)
+        .select_from(source)
+        .where(target(allocation))
+        .subquery("computed")
     )
-    member = exists().where(
-        p.memberships.c.user_id == allocation.c.user_id,
-        p.memberships.c.company_id == license_.c.company_id,
-        p.memberships.c.assigned == true(),
+
+
+def with_copies(
+    projection: Projection, rows: FromClause, users: Select | None = None
+) -> tuple[FromClause, list[ColumnElement]]:
+    """Join report row keys to what the copied columns are made of.
+
+    ``rows`` has user_id, license_id and course_id columns; ``users`` selects
+    the user ids among them, or None for every user. Returns the joined source
+    and the copied columns' values, labelled with their names and in the
+    order of COPIED_COLUMNS. Memberships are joined as one aggregate per user
+    and company, which PostgreSQL hashes, rather than looked up row by row.
+    """
+    p = projection
+    license_, user, course = p.licenses, p.users, p.courses
+    members = _members(p, users)
+    source = (
+        rows.outerjoin(license_, license_.c.license_id == rows.c.license_id)
+        .outerjoin(user, user.c.user_id == rows.c.user_id)
+        .outerjoin(course, course.c.course_id == rows.c.course_id)
+        .outerjoin(
+            members,
+            and_(
+                members.c.user_id == rows.c.user_id,
+                members.c.company_id == license_.c.company_id,
+            ),
+        )
     )
     listed = and_(
         license_.c.license_id.is_not(None),
@@ -129,52 +163,52 @@ def _computed(projection: Projection, target: Target):
         license_.c.company_id.is_not(None),
         user.c.user_id.is_not(None),
         user.c.deleted == false(),
-        member,
+        members.c.user_id.is_not(None),
     )
-    return (
-        select(
-            allocation.c.user_id,
-            allocation.c.license_id,
-            allocation.c.course_id,
-            license_.c.company_id.label("company_id"),
-            # NULL when the license or user is unknown; stored as false.
-            func.coalesce(listed, false()).label("listed"),
-            func.coalesce(user.c.suspended, false()).label("suspended"),
-            func.lower(user.c.lastname).label("lastname_key"),
-            func.lower(user.c.firstname).label("firstname_key"),
-            func.lower(user.c.email).label("email_key"),
-            _department_key(p, allocation, license_.c.company_id).label(
-                "department_key"
-            ),
-            func.lower(license_.c.name).label("license_key"),
-            func.lower(course.c.name).label("course_key"),
-        )
-        .select_from(source)
-        .where(target(allocation))
-        .subquery("computed")
-    )
+    columns = [
+        license_.c.company_id.label("company_id"),
+        # NULL when the license or user is unknown; stored as false.
+        func.coalesce(listed, false()).label("listed"),
+        func.coalesce(user.c.suspended, false()).label("suspended"),
+        func.lower(user.c.lastname).label("lastname_key"),
+        func.lower(user.c.firstname).label("firstname_key"),
+        func.lower(user.c.email).label("email_key"),
+        members.c.department_key.label("department_key"),
+        func.lower(license_.c.name).label("license_key"),
+        func.lower(course.c.name).label("course_key"),
+    ]
+    return source, columns
 
 
-def _department_key(
-    projection: Projection, allocation: Alias, company_id: ColumnElement
-) -> ColumnElement:
-    """The smallest lower-cased name of the user's live departments in the company."""
+def _members(projection: Projection, users: Select | None):
+    """Select, per user and company, an assigned membership's department key.
+
+    One row for each of ``users`` (every user if None) and each company they
+    are an assigned member of, with the smallest lower-cased name of their
+    live departments there (NULL if none).
+    """
     membership, department = projection.memberships, projection.departments
-    joined = membership.join(
-        department, department.c.department_id == membership.c.department_id
-    )
-    return (
-        select(func.min(func.lower(department.c.name)))
-        .select_from(joined)
-        .where(
-            membership.c.user_id == allocation.c.user_id,
-            membership.c.company_id == company_id,
-            membership.c.assigned == true(),
-            department.c.company_id == company_id,
+    joined = membership.outerjoin(
+        department,
+        and_(
+            department.c.department_id == membership.c.department_id,
+            department.c.company_id == membership.c.company_id,
             department.c.deleted == false(),
-        )
-        .scalar_subquery()
+        ),
     )
+    members = (
+        select(
+            membership.c.user_id,
+            membership.c.company_id,
+            func.min(func.lower(department.c.name)).label("department_key"),
+        )
+        .select_from(joined)
+        .where(membership.c.assigned == true())
+        .group_by(membership.c.user_id, membership.c.company_id)
+    )
+    if users is not None:
+        members = members.where(membership.c.user_id.in_(users))
+    return members.subquery("members")
 
 
 def _chunks(ids: Collection[int]) -> Iterator[list[int]]:
