@@ -157,8 +157,8 @@ def copy_merge(
         if store:
             _merge_store(conn)
         _merge_license_events(conn, projection)
-        _merge_allocations(conn, projection)
         _merge_references(conn, projection)
+        _merge_allocations(conn, projection)
     return time.monotonic() - started
 
 
@@ -241,25 +241,50 @@ def _merge_license_events(conn: Connection, projection: Projection) -> None:
 
 
 def _merge_allocations(conn: Connection, projection: Projection) -> None:
+    """Fold the license events into report rows, with their copied columns.
+
+    Runs after the reference tables are merged, since the copies come from
+    them.
+    """
     latest = "ORDER BY time_us DESC, order_sequence DESC"
-    table = projection.license_allocations.name
+    p = projection
     conn.execute(
         text(
             f"""
-            INSERT INTO {table} AS allocation
+            INSERT INTO {p.license_allocations.name} AS allocation
                 (user_id, license_id, course_id, allocations, unallocations,
                  allocated, last_time_us, last_order_sequence, last_allocated_us,
-                 last_unallocated_us)
-            SELECT user_id, license_id, course_id,
-                   count(*) FILTER (WHERE action = 1),
-                   count(*) FILTER (WHERE action = 0),
-                   (array_agg(action {latest}))[1] = 1,
-                   max(time_us),
-                   (array_agg(order_sequence {latest}))[1],
-                   max(at_us) FILTER (WHERE action = 1),
-                   max(at_us) FILTER (WHERE action = 0)
-            FROM {projection.license_events.name}
-            GROUP BY user_id, license_id, course_id
+                 last_unallocated_us, company_id, listed, suspended,
+                 lastname_key, firstname_key, email_key, department_key,
+                 license_key, course_key)
+            SELECT folded.*, l.company_id,
+                   coalesce(NOT l.deleted AND l.company_id IS NOT NULL
+                            AND NOT u.deleted AND m.user_id IS NOT NULL, false),
+                   coalesce(u.suspended, false),
+                   lower(u.lastname), lower(u.firstname), lower(u.email),
+                   m.department_key, lower(l.name), lower(c.name)
+            FROM (SELECT user_id, license_id, course_id,
+                         count(*) FILTER (WHERE action = 1),
+                         count(*) FILTER (WHERE action = 0),
+                         (array_agg(action {latest}))[1] = 1,
+                         max(time_us),
+                         (array_agg(order_sequence {latest}))[1],
+                         max(at_us) FILTER (WHERE action = 1),
+                         max(at_us) FILTER (WHERE action = 0)
+                  FROM {p.license_events.name}
+                  GROUP BY user_id, license_id, course_id) AS folded
+            LEFT JOIN {p.licenses.name} l USING (license_id)
+            LEFT JOIN {p.users.name} u USING (user_id)
+            LEFT JOIN {p.courses.name} c USING (course_id)
+            LEFT JOIN (SELECT m.user_id, m.company_id,
+                              min(lower(d.name)) AS department_key
+                       FROM {p.memberships.name} m
+                       LEFT JOIN {p.departments.name} d
+                         ON d.department_id = m.department_id
+                        AND d.company_id = m.company_id AND NOT d.deleted
+                       WHERE m.assigned
+                       GROUP BY m.user_id, m.company_id) AS m
+              ON m.user_id = folded.user_id AND m.company_id = l.company_id
             ON CONFLICT (user_id, license_id, course_id) DO UPDATE SET
                 allocations = allocation.allocations + excluded.allocations,
                 unallocations = allocation.unallocations + excluded.unallocations
