@@ -108,7 +108,7 @@ class RowKey:
 def encode_cursor(key: RowKey) -> str:
     """Return the cursor that continues the report after the row ``key``.
 
-    It holds only the row's ids, as base64url JSON without padding, so it
+    It contains only the row's ids, as base64url JSON without padding, so it
     carries no personal data into URLs and logs.
     """
     ids = [key.user_id, key.license_id, key.course_id]

@@ -316,14 +316,14 @@ def _license_allocations(metadata: MetaData, name: str) -> Table:
         Column("last_allocated_us", BigInteger, nullable=True),
         Column("last_unallocated_us", BigInteger, nullable=True),
         # Copies of what the report filters and sorts by, kept by
-        # projections.report_rows, so a page reads this table alone. The
-        # license's company, or NULL while the license is unknown:
+        # projections.report_rows, so a page reads this table alone.
+        # company_id is the license's company, NULL while the license is unknown.
         Column("company_id", BigInteger, nullable=True),
         # True when the license is known and not deleted, and the user known,
         # not deleted and an assigned member of the license's company.
         Column("listed", Boolean, nullable=False, server_default=false()),
         Column("suspended", Boolean, nullable=False, server_default=false()),
-        # Lower-cased names; department_key is the smallest lower-cased name
+        # Lower-cased names. department_key is the smallest lower-cased name
         # of the user's live departments in the company.
         Column("lastname_key", Text, nullable=True),
         Column("firstname_key", Text, nullable=True),

@@ -40,7 +40,7 @@ def recomputed(engine: Engine) -> list[tuple]:
 
 
 @pytest.mark.parametrize("batch_size", [1, 37])
-def test_copies_follow_every_change_of_a_history(engine, batch_size):
+def test_copies_match_after_a_history(engine, batch_size):
     # Renamed users, departments, courses and licenses, moves, suspensions,
     # deletions and late reference data, delivered out of order.
     history = generate_history(seed=7, companies=3, users=60)
@@ -172,7 +172,7 @@ def test_copies_of_one_row(engine):
         ),
     ],
 )
-def test_copies_follow_a_later_change(engine, change, expected):
+def test_copies_follow_a_change(engine, change, expected):
     apply(engine, SETUP)
     apply(engine, [change])
     row = only_row(engine)
@@ -180,7 +180,7 @@ def test_copies_follow_a_later_change(engine, change, expected):
     assert copies(engine) == recomputed(engine)
 
 
-def test_copies_of_a_row_whose_references_come_later(engine):
+def test_copies_after_late_references(engine):
     apply(engine, SETUP[-1:])
     assert only_row(engine)["listed"] is False
     apply(engine, SETUP[:-1])
