@@ -99,6 +99,9 @@ def _refresh_where(conn: Connection, projection: Projection, target: Target) -> 
     statement = (
         update(allocation)
         .where(
+            # The target on the updated table too, so that PostgreSQL reads
+            # only those rows of it rather than scanning the whole table.
+            target(allocation),
             allocation.c.user_id == computed.c.user_id,
             allocation.c.license_id == computed.c.license_id,
             allocation.c.course_id == computed.c.course_id,
