@@ -313,17 +313,23 @@ class ReportSql:
         )
 
     def anchor_check(self, key: RowKey) -> ColumnElement[bool]:
-        """Return a labelled EXISTS: the row ``key`` names is listed in the company."""
+        """Return a labelled EXISTS: the row ``key`` names is one this report may show.
+
+        That is a listed row of the company and, for a credential limited to
+        a department subtree, of a user assigned within it.
+        """
         row = self.tables.license_allocations.alias("anchor_check")
-        return (
-            exists()
-            .where(
-                *_key_of(row, key),
-                row.c.company_id == self.company_id,
-                row.c.listed == true(),
-            )
-            .label("cursor_known")
-        )
+        conditions = [
+            *_key_of(row, key),
+            row.c.company_id == self.company_id,
+            row.c.listed == true(),
+        ]
+        # A credential limited to a department subtree may not continue after
+        # a row it cannot read, which would tell where that row sorts.
+        members = self._members(None)
+        if members is not None:
+            conditions.append(row.c.user_id.in_(members))
+        return exists().where(*conditions).label("cursor_known")
 
     def _sort_value(
         self, sort: str, source: FromClause

@@ -279,11 +279,34 @@ def write_prepared(
         rows = batch.references.get(name)
         if rows:
             _upsert_versioned(conn, getattr(projection, name), key, rows)
+    _lock_copies(conn, projection)
     if batch.license_events:
         _apply_license_events(conn, projection, batch.license_events)
     if copies:
         _refresh_copies(conn, projection, batch)
     _update_state(conn, projection, batch.newest_time_us, batch.events)
+
+
+# The first key of the PostgreSQL advisory lock that _lock_copies takes; the
+# second is the projection version.
+_COPIES_LOCK = 0x4C52
+
+
+def _lock_copies(conn: Connection, projection: Projection) -> None:
+    """Make batches compute report row copies one at a time, on PostgreSQL.
+
+    Without it, a batch that creates a report row and a concurrent batch that
+    changes the row's references could each miss the other's uncommitted
+    work: the first computes the copies from the old references, and the
+    second's refresh does not see the new row, so the copies stay stale. With
+    the lock, held until commit, each batch's copies are computed after every
+    earlier batch has committed, and READ COMMITTED statements see it. The
+    reference upserts before it still run concurrently. SQLite has a single
+    writer, so there batches take turns anyway.
+    """
+    if conn.dialect.name == "postgresql":
+        lock = func.pg_advisory_xact_lock(_COPIES_LOCK, projection.version)
+        conn.execute(select(lock))
 
 
 def _refresh_copies(

@@ -95,7 +95,7 @@ def _rebuild(
         remaining = _count_between(engine, position, end)
         if progress:
             progress(done, done + remaining)
-        if remaining < switch_threshold:
+        if remaining < max(switch_threshold, 1):
             break
         batches = _read_ahead(engine, projection, position, end, batch_size)
         for batch, position in batches:

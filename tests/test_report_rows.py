@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from sqlalchemy import Engine, select
 
@@ -185,3 +188,40 @@ def test_copies_after_late_references(engine):
     assert only_row(engine)["listed"] is False
     apply(engine, SETUP[:-1])
     assert only_row(engine)["listed"] is True
+
+
+RENAMED = USER | {"lastname": "Moreau"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(event("u2", "user.upserted", T1, RENAMED), id="user-renamed"),
+        pytest.param(
+            event("u2", "user.deleted", T1, {"user_id": 1}), id="user-deleted"
+        ),
+        pytest.param(
+            event("l2", "license.deleted", T1, {"license_id": 10}), id="license-deleted"
+        ),
+    ],
+)
+def test_copies_of_a_row_created_during_a_change(engine, change):
+    """A batch creates a row while another, not yet committed, changes its user."""
+    apply(engine, SETUP[:-1])
+    changed = threading.Event()
+
+    def change_then_wait():
+        with engine.connect() as conn, conn.begin():
+            decoded = decode_values([("test", 0, 0, change)])
+            apply_batch(conn, decoded.events)
+            changed.set()
+            # The other batch would compute its row's copies meanwhile.
+            time.sleep(1)
+
+    changer = threading.Thread(target=change_then_wait)
+    changer.start()
+    assert changed.wait(30)
+    apply(engine, SETUP[-1:])
+    changer.join()
+
+    assert copies(engine) == recomputed(engine)

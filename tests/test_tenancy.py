@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from api.app import create_app
 from api.auth import COOKIE_NAME
+from api.params import RowKey, encode_cursor
 from license_report.keys_cli import create_key, revoke_key
 from license_report.settings import Settings
 from tests.api_data import (
@@ -629,3 +630,17 @@ def test_cursor_pages_stay_in_scope(tenancy):
     ordered = [(r["user_id"], r["license_id"], r["course_id"]) for r in everything]
     assert seen == ordered
     assert set(seen) == rows
+
+
+def test_cursor_outside_scope_rejected(tenancy):
+    """A cursor of a row the credential cannot read would tell where it sorts."""
+    _, visible = expected_report(SALES_SUBTREE, ACME, None)
+    _, everything = expected_report(ALL, ACME, None)
+    hidden = sorted(everything - visible)[0]
+    response = tenancy.client.get(
+        REPORT.format(company=ACME),
+        params={"cursor": encode_cursor(RowKey(*hidden))},
+        headers=bearer(tenancy.keys[SALES_SUBTREE]),
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["parameter"] == "cursor"
