@@ -251,45 +251,15 @@ class ReportSql:
         ]
         rows = select(*columns).select_from(source).where(*conditions)
         anchor = None if query.after is None else self.anchor(query.after, query.sort)
-        if not nullable:
-            if anchor is not None:
-                rows = rows.where(_after(rows.selected_columns, anchor, query))
-            ordered = rows.order_by(
-                *_index_order(rows.selected_columns, query.descending)
-            )
-            page = ordered.limit(query.per_page).offset(query.offset)
-            return page.subquery("page_keys")
-
-        end = query.offset + query.per_page
-        present = rows.where(sort_value.is_not(None))
-        missing = rows.where(sort_value.is_(None))
+        if nullable:
+            return _two_part_page(rows, sort_value, anchor, query)
         if anchor is not None:
-            # After a row with a value: later rows with a value, then every
-            # row without. After a row without: later rows without a value.
-            present = present.where(
-                anchor.c.sort_value.is_not(None),
-                _after(present.selected_columns, anchor, query),
-            )
-            missing = missing.where(
-                or_(
-                    anchor.c.sort_value.is_not(None),
-                    _after_ties(missing.selected_columns, anchor),
-                )
-            )
-        present = present.order_by(
-            *_index_order(present.selected_columns, query.descending)
-        ).limit(end)
-        missing = missing.order_by(
-            *_index_order(missing.selected_columns, query.descending)[1:]
-        ).limit(end)
-        both = union_all(
-            present.subquery("present").select(),
-            missing.subquery("missing").select(),
-        ).subquery("both_parts")
-        page = select(both).order_by(*page_order(both.c, query.descending))
-        return page.limit(query.per_page).offset(query.offset).subquery("page_keys")
+            rows = rows.where(_after(rows.selected_columns, anchor, query))
+        ordered = rows.order_by(*_index_order(rows.selected_columns, query.descending))
+        page = ordered.limit(query.per_page).offset(query.offset)
+        return page.subquery("page_keys")
 
-    def anchor(self, key: RowKey, sort: str) -> ScalarValues:
+    def anchor(self, key: RowKey, sort: str) -> dict[str, ColumnElement]:
         """Return scalar subqueries of the order values of the row ``key`` names.
 
         ``anchor_check`` tells whether that row is one of the company's.
@@ -305,12 +275,10 @@ class ReportSql:
             "course_id": row.c.course_id,
         }
         where = _key_of(row, key)
-        return ScalarValues(
-            {
-                name: select(value).where(*where).scalar_subquery()
-                for name, value in values.items()
-            }
-        )
+        return {
+            name: select(value).where(*where).scalar_subquery()
+            for name, value in values.items()
+        }
 
     def anchor_check(self, key: RowKey) -> ColumnElement[bool]:
         """Return a labelled EXISTS: the row ``key`` names is one this report may show.
@@ -416,6 +384,47 @@ def page_order(keys, descending: bool) -> list[ColumnElement]:
     ]
 
 
+def _two_part_page(
+    rows: Select,
+    sort_value: ColumnElement,
+    anchor: dict[str, ColumnElement] | None,
+    query: ReportQuery,
+) -> Subquery:
+    """Select the page from the rows with a sort value, then those without.
+
+    Each part is ordered and cut at the page's end on its own, so each can be
+    read from an index, and NULL comes last in either direction.
+    """
+    end = query.offset + query.per_page
+    present = rows.where(sort_value.is_not(None))
+    missing = rows.where(sort_value.is_(None))
+    if anchor is not None:
+        # After a row with a value: later rows with a value, then every row
+        # without. After a row without: later rows without a value.
+        present = present.where(
+            anchor["sort_value"].is_not(None),
+            _after(present.selected_columns, anchor, query),
+        )
+        missing = missing.where(
+            or_(
+                anchor["sort_value"].is_not(None),
+                _after_ties(missing.selected_columns, anchor),
+            )
+        )
+    present = present.order_by(
+        *_index_order(present.selected_columns, query.descending)
+    ).limit(end)
+    missing = missing.order_by(
+        *_index_order(missing.selected_columns, query.descending)[1:]
+    ).limit(end)
+    both = union_all(
+        present.subquery("present").select(),
+        missing.subquery("missing").select(),
+    ).subquery("both_parts")
+    page = select(both).order_by(*page_order(both.c, query.descending))
+    return page.limit(query.per_page).offset(query.offset).subquery("page_keys")
+
+
 def _index_order(keys, descending: bool) -> list[ColumnElement]:
     """Return ORDER BY clauses of non-NULL sort values that an index can serve.
 
@@ -433,18 +442,6 @@ def _index_order(keys, descending: bool) -> list[ColumnElement]:
     ]
 
 
-class ScalarValues:
-    """Named scalar subqueries, read as ``values.c.<name>`` like a row's columns."""
-
-    def __init__(self, values: dict[str, ColumnElement]) -> None:
-        self.c = _Names(values)
-
-
-class _Names(dict):
-    def __getattr__(self, name: str) -> ColumnElement:
-        return self[name]
-
-
 def _key_of(row: FromClause, key: RowKey) -> list[ColumnElement[bool]]:
     return [
         row.c.user_id == key.user_id,
@@ -453,28 +450,29 @@ def _key_of(row: FromClause, key: RowKey) -> list[ColumnElement[bool]]:
     ]
 
 
-def _ties(keys) -> tuple[ColumnElement, ...]:
-    return (
-        keys.lastname_key,
-        keys.firstname_key,
-        keys.user_id,
-        keys.license_id,
-        keys.course_id,
+_TIES = ("lastname_key", "firstname_key", "user_id", "license_id", "course_id")
+
+
+def _after_ties(keys, anchor: dict[str, ColumnElement]) -> ColumnElement[bool]:
+    """Rows whose tie-breakers, all ascending, come after the anchor's.
+
+    ``keys`` are the selected columns of ``page_keys``, ``anchor`` the values
+    that ``ReportSql.anchor`` returns, both looked up by name.
+    """
+    return tuple_(*(keys[name] for name in _TIES)) > tuple_(
+        *(anchor[name] for name in _TIES)
     )
 
 
-def _after_ties(keys, anchor: ScalarValues) -> ColumnElement[bool]:
-    """Rows whose tie-breakers, all ascending, come after the anchor's."""
-    return tuple_(*_ties(keys)) > tuple_(*_ties(anchor.c))
-
-
-def _after(keys, anchor: ScalarValues, query: ReportQuery) -> ColumnElement[bool]:
+def _after(
+    keys, anchor: dict[str, ColumnElement], query: ReportQuery
+) -> ColumnElement[bool]:
     """Rows with a sort value that come after the anchor in the request's order.
 
     The bound on the sort value alone comes first, so that an index on it
     starts its scan at the anchor.
     """
-    sort_value, anchor_value = keys.sort_value, anchor.c.sort_value
+    sort_value, anchor_value = keys["sort_value"], anchor["sort_value"]
     if query.descending:
         return and_(
             sort_value <= anchor_value,
