@@ -262,7 +262,7 @@ class ReportSql:
     def anchor(self, key: RowKey, sort: str) -> dict[str, ColumnElement]:
         """Return scalar subqueries of the order values of the row ``key`` names.
 
-        ``anchor_check`` tells whether that row is one of the company's.
+        ``anchor_check`` checks that the row is one this report may show.
         """
         row = self.tables.license_allocations.alias("anchor")
         sort_value, _, _ = self._sort_value_of(row, sort)
@@ -454,7 +454,7 @@ _TIES = ("lastname_key", "firstname_key", "user_id", "license_id", "course_id")
 
 
 def _after_ties(keys, anchor: dict[str, ColumnElement]) -> ColumnElement[bool]:
-    """Rows whose tie-breakers, all ascending, come after the anchor's.
+    """Return the condition that a row's tie-breakers come after the anchor's.
 
     ``keys`` are the selected columns of ``page_keys``, ``anchor`` the values
     that ``ReportSql.anchor`` returns, both looked up by name.
@@ -467,10 +467,10 @@ def _after_ties(keys, anchor: dict[str, ColumnElement]) -> ColumnElement[bool]:
 def _after(
     keys, anchor: dict[str, ColumnElement], query: ReportQuery
 ) -> ColumnElement[bool]:
-    """Rows with a sort value that come after the anchor in the request's order.
+    """Return the condition that a row with a sort value comes after the anchor.
 
-    The bound on the sort value alone comes first, so that an index on it
-    starts its scan at the anchor.
+    The order is the request's. The bound on the sort value alone comes first,
+    so that an index on it starts its scan at the anchor.
     """
     sort_value, anchor_value = keys["sort_value"], anchor["sort_value"]
     if query.descending:
