@@ -295,14 +295,13 @@ _COPIES_LOCK = 0x4C52
 def _lock_copies(conn: Connection, projection: Projection) -> None:
     """Make batches compute report row copies one at a time, on PostgreSQL.
 
-    Without it, a batch that creates a report row and a concurrent batch that
-    changes the row's references could each miss the other's uncommitted
-    work: the first computes the copies from the old references, and the
-    second's refresh does not see the new row, so the copies stay stale. With
-    the lock, held until commit, each batch's copies are computed after every
-    earlier batch has committed, and READ COMMITTED statements see it. The
-    reference upserts before it still run concurrently. SQLite has a single
-    writer, so there batches take turns anyway.
+    Without it, a batch that creates a report row could compute its copies
+    from references that a concurrent, uncommitted batch is changing, and that
+    batch's refresh would not see the new row, so the copies would stay stale.
+    The lock is held until commit, so each batch computes its copies after the
+    batches before it have committed, and its READ COMMITTED statements see
+    their changes. The reference upserts before it still run concurrently.
+    SQLite has a single writer, so there batches take turns anyway.
     """
     if conn.dialect.name == "postgresql":
         lock = func.pg_advisory_xact_lock(_COPIES_LOCK, projection.version)

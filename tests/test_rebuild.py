@@ -234,7 +234,7 @@ def test_commands_refuse_old_schema(database_url, engine):
     assert "license-report rebuild --from store" in result.output
 
 
-def test_rebuild_from_store_replaces_an_older_layout(database_url, engine, history):
+def test_rebuild_replaces_older_layout(database_url, engine, history):
     """A live projection of layout 1, whose report rows lack the copied columns."""
     from projections.report_rows import COPIED_COLUMNS
 
@@ -249,12 +249,12 @@ def test_rebuild_from_store_replaces_an_older_layout(database_url, engine, histo
         conn.execute(update(schema.projections).values(layout=1))
     runner = CliRunner()
     environment = {"LICENSE_REPORT_DATABASE_URL": database_url}
-    refused = runner.invoke(cli, ["replay", "-"], env=environment)
+    rejected = runner.invoke(cli, ["replay", "-"], env=environment)
 
     rebuilt = runner.invoke(cli, ["rebuild", "--from", "store"], env=environment)
 
-    assert refused.exit_code == 2
-    assert "layout 1" in refused.output
+    assert rejected.exit_code == 2
+    assert "layout 1" in rejected.output
     assert rebuilt.exit_code == 0, rebuilt.output
     with engine.connect() as conn:
         assert live_projection(conn).version == 2

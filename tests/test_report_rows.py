@@ -205,7 +205,7 @@ RENAMED = USER | {"lastname": "Moreau"}
         ),
     ],
 )
-def test_copies_of_a_row_created_during_a_change(engine, change):
+def test_copies_of_concurrent_new_row(engine, change):
     """A batch creates a row while another, not yet committed, changes its user."""
     apply(engine, SETUP[:-1])
     changed = threading.Event()
