@@ -24,7 +24,7 @@ from consumer.decoding import decode_stored
 from consumer.events import StoredEvent
 from consumer.timestamps import now_us
 from license_report.collector import rare_collections
-from projections import report_rows, schema
+from projections import report_rows, report_totals, schema
 from projections.apply import (
     PreparedBatch,
     prepare_events,
@@ -109,6 +109,9 @@ def _rebuild(
 
     with engine.begin() as conn:
         report_rows.refresh_all(conn, projection)
+        # The totals triggers from here on, for the events the switch catches up.
+        report_totals.recount(conn, projection)
+        report_totals.install(conn, projection)
     create_indexes(engine, projection)
     previous, switched_events = _switch(engine, projection, position)
     done += switched_events
@@ -167,8 +170,9 @@ def create_version(
 ) -> Projection:
     """Create the tables of a new, empty projection version and register it.
 
-    Without ``indexes``, only the primary keys are created; ``create_indexes``
-    adds the rest.
+    Without ``indexes``, only the primary keys are created, and no triggers
+    keep ``report_totals``: ``create_indexes`` adds the indexes, and
+    ``report_totals.recount`` and ``report_totals.install`` the totals.
     """
     registry = schema.projections
     newest = conn.execute(select(func.max(registry.c.version))).scalar() or 0

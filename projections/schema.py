@@ -31,6 +31,8 @@ from sqlalchemy import (
     text,
 )
 
+from projections import report_totals
+
 # SQLite only auto-increments an INTEGER PRIMARY KEY column.
 AutoId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -44,7 +46,7 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 # The layout of projection tables this code reads and writes. Changing a
 # projection table means raising it; a rebuild then creates tables of the new
 # layout, and the commands refuse to run on an older live projection.
-PROJECTION_LAYOUT = 2
+PROJECTION_LAYOUT = 3
 
 
 def _version_columns() -> list[Column]:
@@ -179,14 +181,21 @@ class Projection:
     licenses: Table
     license_events: Table
     license_allocations: Table
+    report_totals: Table
 
 
 def projection_tables(version: int) -> Projection:
-    """Define the tables of projection ``version`` on a metadata of their own."""
+    """Define the tables of projection ``version`` on a metadata of their own.
+
+    Creating them with ``metadata.create_all`` also creates the triggers that
+    keep ``report_totals`` (see projections.report_totals).
+    """
     own = MetaData(naming_convention=NAMING_CONVENTION)
     suffix = f"_v{version}"
     tables = {name: build(own, name + suffix) for name, build in _BUILDERS.items()}
-    return Projection(version=version, metadata=own, **tables)
+    projection = Projection(version=version, metadata=own, **tables)
+    report_totals.keep_with_tables(projection)
+    return projection
 
 
 def _state(metadata: MetaData, name: str) -> Table:
@@ -380,6 +389,24 @@ def _listed_index(table: str, key: str, *columns: str) -> Index:
     )
 
 
+def _report_totals(metadata: MetaData, name: str) -> Table:
+    """Per company, the number of listed report rows, kept by database triggers.
+
+    The report's unfiltered total reads one row here instead of counting the
+    company's rows. A company whose rows were all unlisted may keep a row of
+    zeros.
+    """
+    return Table(
+        name,
+        metadata,
+        Column("company_id", BigInteger, primary_key=True, autoincrement=False),
+        # Rows with listed true and this company_id.
+        Column("listed_rows", BigInteger, nullable=False),
+        # Those of them with suspended true.
+        Column("suspended_rows", BigInteger, nullable=False),
+    )
+
+
 _BUILDERS = {
     "state": _state,
     "companies": _companies,
@@ -390,6 +417,7 @@ _BUILDERS = {
     "licenses": _licenses,
     "license_events": _license_events,
     "license_allocations": _license_allocations,
+    "report_totals": _report_totals,
 }
 
 # TODO: remove these aliases of version 1 once every reader resolves the live

@@ -192,6 +192,18 @@ def test_verify_reports_tampered_row(engine, history):
     assert sides == ["live", "recomputed"]
 
 
+def test_verify_reports_tampered_totals(engine, history):
+    _apply(engine, history.messages)
+    with engine.begin() as conn:
+        table = live_projection(conn).report_totals
+        conn.execute(update(table).values(listed_rows=table.c.listed_rows + 1))
+
+    differences = verify(engine).differences
+
+    tables = {d.table for d in differences}
+    assert tables == {"report_totals"}
+
+
 def test_verify_command_exit_status(database_url, engine, history):
     _apply(engine, history.messages)
     runner = CliRunner()
@@ -235,12 +247,18 @@ def test_commands_refuse_old_schema(database_url, engine):
 
 
 def test_rebuild_replaces_older_layout(database_url, engine, history):
-    """A live projection of layout 1, whose report rows lack the copied columns."""
+    """A live projection of layout 1: no copied columns, no totals."""
     from projections.report_rows import COPIED_COLUMNS
+    from projections.report_totals import trigger_names
 
     _apply(engine, history.messages)
     with engine.begin() as conn:
-        table = live_projection(conn).license_allocations
+        projection = live_projection(conn)
+        table = projection.license_allocations
+        on = f' ON "{table.name}"' if conn.dialect.name == "postgresql" else ""
+        for trigger in trigger_names(projection):
+            conn.execute(text(f'DROP TRIGGER "{trigger}"{on}'))
+        projection.report_totals.drop(conn)
         for index in table.indexes:
             if index.name.endswith("_order"):
                 index.drop(conn)

@@ -1,4 +1,4 @@
-"""The report rows' copied columns stay equal to a full recomputation."""
+"""The report rows' copied columns and the totals stay equal to a recomputation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from consumer.batch import decode_values
-from projections import schema
+from projections import report_totals, schema
 from projections.apply import apply_batch
 from projections.registry import live_projection
 from projections.report_rows import COPIED_COLUMNS, refresh_all
@@ -42,6 +42,24 @@ def recomputed(engine: Engine) -> list[tuple]:
     return [tuple(row) for row in rows]
 
 
+def totals(engine: Engine, recount: bool = False) -> dict[int, tuple[int, int]]:
+    """Return the non-zero totals per company, kept or (``recount``) recounted."""
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        projection = live_projection(conn)
+        if recount:
+            report_totals.recount(conn, projection)
+        table = projection.report_totals
+        rows = conn.execute(select(table).where(table.c.listed_rows != 0)).all()
+        transaction.rollback()
+    return {row.company_id: (row.listed_rows, row.suspended_rows) for row in rows}
+
+
+def assert_totals_kept(engine: Engine) -> None:
+    kept = totals(engine)
+    assert kept == totals(engine, recount=True)
+
+
 @pytest.mark.parametrize("batch_size", [1, 37])
 def test_copies_match_after_a_history(engine, batch_size):
     # Renamed users, departments, courses and licenses, moves, suspensions,
@@ -58,6 +76,8 @@ def test_copies_match_after_a_history(engine, batch_size):
 
     incremental = copies(engine)
     assert incremental == recomputed(engine)
+    assert_totals_kept(engine)
+    assert any(suspended for _, suspended in totals(engine).values())
     listed = [row for row in incremental if row[COPIED_COLUMNS.index("listed") + 3]]
     assert 0 < len(listed) < len(incremental)
     department = COPIED_COLUMNS.index("department_key") + 3
@@ -118,6 +138,14 @@ def test_copies_of_one_row(engine):
     assert row["email_key"] == "a@x.org"
     assert row["department_key"] == "sales"
     assert (row["license_key"], row["course_key"]) == ("safety", "ladders")
+    assert totals(engine) == {1: (1, 0)}
+
+
+def test_totals_of_a_new_row_of_a_suspended_user(engine):
+    suspended = event("u1", "user.upserted", T0, USER | {"suspended": True})
+    apply(engine, [suspended if b'"id":"u1"' in item else item for item in SETUP])
+    assert only_row(engine)["suspended"] is True
+    assert totals(engine) == {1: (1, 1)}
 
 
 @pytest.mark.parametrize(
@@ -181,6 +209,7 @@ def test_copies_follow_a_change(engine, change, expected):
     row = only_row(engine)
     assert {name: row[name] for name in expected} == expected
     assert copies(engine) == recomputed(engine)
+    assert_totals_kept(engine)
 
 
 def test_copies_after_late_references(engine):
@@ -225,3 +254,4 @@ def test_copies_of_concurrent_new_row(engine, change):
     changer.join()
 
     assert copies(engine) == recomputed(engine)
+    assert_totals_kept(engine)
