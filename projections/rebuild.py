@@ -107,12 +107,23 @@ def _rebuild(
             if progress:
                 progress(done, done + remaining)
 
+    filled = time.monotonic()
     with engine.begin() as conn:
         report_rows.refresh_all(conn, projection)
         # The totals triggers from here on, for the events the switch catches up.
         report_totals.recount(conn, projection)
         report_totals.install(conn, projection)
+    copied = time.monotonic()
     create_indexes(engine, projection)
+    logger.info(
+        "rebuild filled version=%d events=%d fill_seconds=%.1f "
+        "copies_seconds=%.1f index_seconds=%.1f",
+        projection.version,
+        done,
+        filled - started,
+        copied - filled,
+        time.monotonic() - copied,
+    )
     previous, switched_events = _switch(engine, projection, position)
     done += switched_events
     if progress:
