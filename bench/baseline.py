@@ -254,7 +254,8 @@ def _merge_allocations(conn: Connection, projection: Projection) -> None:
             INSERT INTO {p.license_allocations.name} AS allocation
                 (user_id, license_id, course_id, allocations, unallocations,
                  allocated, last_time_us, last_order_sequence, last_allocated_us,
-                 last_unallocated_us, company_id, listed, suspended,
+                 last_unallocated_us, first_allocated_us, first_unallocated_us,
+                 company_id, listed, suspended,
                  lastname_key, firstname_key, email_key, department_key,
                  license_key, course_key)
             SELECT folded.*, l.company_id,
@@ -270,7 +271,9 @@ def _merge_allocations(conn: Connection, projection: Projection) -> None:
                          max(time_us),
                          (array_agg(order_sequence {latest}))[1],
                          max(at_us) FILTER (WHERE action = 1),
-                         max(at_us) FILTER (WHERE action = 0)
+                         max(at_us) FILTER (WHERE action = 0),
+                         min(at_us) FILTER (WHERE action = 1),
+                         min(at_us) FILTER (WHERE action = 0)
                   FROM {p.license_events.name}
                   GROUP BY user_id, license_id, course_id) AS folded
             LEFT JOIN {p.licenses.name} l USING (license_id)

@@ -499,6 +499,8 @@ def _apply_license_events(
                 "last_order_sequence": None,
                 "last_allocated_us": None,
                 "last_unallocated_us": None,
+                "first_allocated_us": None,
+                "first_unallocated_us": None,
             },
         )
         _fold(row, item)
@@ -549,6 +551,8 @@ def _fold_in_database(
             latest(new.c.order_sequence).label("last_order_sequence"),
             func.max(new.c.at_us).filter(allocation).label("last_allocated_us"),
             func.max(new.c.at_us).filter(unallocation).label("last_unallocated_us"),
+            func.min(new.c.at_us).filter(allocation).label("first_allocated_us"),
+            func.min(new.c.at_us).filter(unallocation).label("first_unallocated_us"),
         )
         .group_by(*keys)
         .subquery("delta")
@@ -593,6 +597,12 @@ def _merge_allocations(table, statement):
             "last_unallocated_us": _greatest(
                 table.c.last_unallocated_us, excluded.last_unallocated_us
             ),
+            "first_allocated_us": _least(
+                table.c.first_allocated_us, excluded.first_allocated_us
+            ),
+            "first_unallocated_us": _least(
+                table.c.first_unallocated_us, excluded.first_unallocated_us
+            ),
         },
     )
 
@@ -600,14 +610,16 @@ def _merge_allocations(table, statement):
 def _fold(row: dict[str, object], item: dict[str, int]) -> None:
     """Add one license event to a report row's batch delta."""
     allocation = item["action"] == ALLOCATED
-    counter, latest = (
-        ("allocations", "last_allocated_us")
+    counter, earliest, latest = (
+        ("allocations", "first_allocated_us", "last_allocated_us")
         if allocation
-        else ("unallocations", "last_unallocated_us")
+        else ("unallocations", "first_unallocated_us", "last_unallocated_us")
     )
     row[counter] += 1
     if row[latest] is None or item["at_us"] > row[latest]:
         row[latest] = item["at_us"]
+    if row[earliest] is None or item["at_us"] < row[earliest]:
+        row[earliest] = item["at_us"]
     order = (item["time_us"], item["order_sequence"])
     if row["last_time_us"] is None or order > (
         row["last_time_us"],
@@ -623,6 +635,16 @@ def _greatest(current, incoming):
         (current.is_(None), incoming),
         (incoming.is_(None), current),
         (incoming > current, incoming),
+        else_=current,
+    )
+
+
+def _least(current, incoming):
+    """The smaller of two nullable columns, portable to SQLite and PostgreSQL."""
+    return case(
+        (current.is_(None), incoming),
+        (incoming.is_(None), current),
+        (incoming < current, incoming),
         else_=current,
     )
 

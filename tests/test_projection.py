@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import orjson
+import pytest
 from sqlalchemy import Engine, select
 
 from consumer.batch import decode_values
+from consumer.timestamps import parse_rfc3339
 from projections import schema
 from projections.apply import apply_batch
 
@@ -135,6 +137,27 @@ def test_projection_duplicate_ids_count_once(engine):
     row = allocation_row(engine)
     assert row.allocations == 2
     assert row.unallocations == 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_projection_first_and_last_instants(engine, batch_size):
+    # Newest first: the earlier instants come in a later batch, or later in
+    # the same batch.
+    apply(
+        engine,
+        [
+            allocate("a2", T2),
+            allocate("a1", T1, issued_at="2024-01-01T00:00:00Z"),
+            unallocate("x2", T2),
+            unallocate("x1", T1),
+        ],
+        batch_size=batch_size,
+    )
+    row = allocation_row(engine)
+    assert row.first_allocated_us == parse_rfc3339("2024-01-01T00:00:00Z")
+    assert row.last_allocated_us == parse_rfc3339(T2)
+    assert row.first_unallocated_us == parse_rfc3339(T1)
+    assert row.last_unallocated_us == parse_rfc3339(T2)
 
 
 def test_projection_latest_event_decides_allocated(engine):
