@@ -30,6 +30,7 @@ from fastapi import Depends, Path, Request
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError, Problem
 from consumer.timestamps import now_us
@@ -261,7 +262,7 @@ class KeyRing:
 
     ``authenticate`` is the entry point for code that has a raw credential,
     such as the web page's login. It reads the database, so call it from a
-    worker thread in async code.
+    worker thread in async code, or await ``authenticate_async`` instead.
     """
 
     def __init__(
@@ -316,12 +317,31 @@ class KeyRing:
         """
         if not credential:
             return None
-        if self._jwt is not None and credential.count(".") == 2:
+        if self._is_jwt(credential):
             return self._jwt.principal(credential)
         principal = self._environment_principal(credential)
         if principal is not None:
             return principal
         return self._stored_principal(credential)
+
+    async def authenticate_async(self, credential: str) -> Principal | None:
+        """Check a credential as ``authenticate`` does, without blocking the event loop.
+
+        Only the lookup of stored keys runs in a worker thread, because JWTs
+        and environment keys are checked in memory.
+        """
+        if not credential:
+            return None
+        if self._is_jwt(credential):
+            return self._jwt.principal(credential)
+        principal = self._environment_principal(credential)
+        if principal is not None or self._engine is None:
+            return principal
+        return await run_in_threadpool(self._stored_principal, credential)
+
+    def _is_jwt(self, credential: str) -> bool:
+        """Return True when a JWT key is set and ``credential`` has three parts."""
+        return self._jwt is not None and credential.count(".") == 2
 
     def stored_key_count(self) -> int:
         """Return the number of stored keys that are not revoked."""
@@ -407,7 +427,7 @@ _cookie = APIKeyCookie(
 )
 
 
-def require_principal(
+async def require_principal(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     cookie: Annotated[str | None, Depends(_cookie)],
@@ -415,9 +435,11 @@ def require_principal(
     """Authenticate the request and count it against its rate limit.
 
     Raises 401 for a missing or invalid credential and 429 when the
-    credential's rate limit is used up.
+    credential's rate limit is used up. It runs on the event loop, because a
+    trip to a worker thread costs more than the checks in memory. Only the
+    lookup of a stored key runs in a worker thread.
     """
-    principal = _authenticate_request(request, bearer, cookie)
+    principal = await _authenticate_request(request, bearer, cookie)
     limiter = getattr(request.app.state, "rate_limiter", None)
     if limiter is not None:
         limiter.check(principal.identity)
@@ -425,14 +447,14 @@ def require_principal(
     return principal
 
 
-def _authenticate_request(
+async def _authenticate_request(
     request: Request,
     bearer: HTTPAuthorizationCredentials | None,
     cookie: str | None,
 ) -> Principal:
     key_ring: KeyRing = request.app.state.key_ring
     if bearer is not None:
-        return _checked(key_ring, bearer.credentials.strip())
+        return await _checked(key_ring, bearer.credentials.strip())
     if request.headers.get("authorization") is not None:
         raise _unauthorized(
             "invalid Authorization header; send Authorization: Bearer <key> "
@@ -440,7 +462,7 @@ def _authenticate_request(
             _INVALID_KEY_CHALLENGE,
         )
     if cookie:
-        return _checked(key_ring, cookie)
+        return await _checked(key_ring, cookie)
     principal = _proxy_principal(request, key_ring.proxy)
     if principal is not None:
         return principal
@@ -449,8 +471,8 @@ def _authenticate_request(
     )
 
 
-def _checked(key_ring: KeyRing, credential: str) -> Principal:
-    principal = key_ring.authenticate(credential)
+async def _checked(key_ring: KeyRing, credential: str) -> Principal:
+    principal = await key_ring.authenticate_async(credential)
     if principal is None:
         raise _unauthorized(
             "invalid API key: it is unknown, revoked or expired; send a current key",
@@ -483,11 +505,14 @@ def _proxy_principal(request: Request, proxy: ProxyScopes | None) -> Principal |
     return replace(principal, identity=f"proxy:{principal.describe()}")
 
 
-def require_company(
+async def require_company(
     company_id: Annotated[int, Path(ge=1, le=MAX_ID)],
     principal: Annotated[Principal, Depends(require_principal)],
 ) -> CompanyAccess:
-    """Return the company id with the request's access to it, or raise 403."""
+    """Return the company id with the request's access to it, or raise 403.
+
+    It is async so that FastAPI calls it on the event loop, because it does no I/O.
+    """
     access = principal.access(company_id)
     if access is None:
         problem = Problem(

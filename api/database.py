@@ -69,6 +69,9 @@ def live_snapshot(engine: Engine) -> Iterator[tuple[Connection, Projection]]:
         yield conn, live_projection(conn)
 
 
-def get_engine(request: Request) -> Engine:
-    """Return the engine that create_app stored on the application."""
+async def get_engine(request: Request) -> Engine:
+    """Return the engine that create_app stored on the application.
+
+    It is async so that FastAPI calls it on the event loop, not in a thread.
+    """
     return request.app.state.engine

@@ -25,7 +25,6 @@ from sqlalchemy import (
     FromClause,
     RowMapping,
     Select,
-    Subquery,
     func,
     select,
 )
@@ -41,11 +40,16 @@ from api.downloads import (
 )
 from api.errors import ApiError, JsonResponse, Problem
 from api.lookups import Freshness, id_checks, verify_ids
-from api.params import ReportQuery, RowKey, encode_cursor, report_query
-from api.report_sql import ReportSql, page_order
+from api.params import (
+    ReportQuery,
+    RowKey,
+    encode_cursor,
+    on_event_loop,
+    report_query,
+)
+from api.report_sql import ReportSql, page_parameters, page_template
 from consumer.timestamps import format_us
 from projections.as_of import SnapshotTooLarge
-from projections.ordering import ALLOCATED, UNALLOCATED
 from projections.schema import Projection
 
 router = APIRouter()
@@ -56,10 +60,12 @@ router = APIRouter()
 )
 def get_license_allocations(
     company_id: AuthorizedCompany,
-    query: Annotated[ReportQuery, Depends(report_query)],
+    query: Annotated[ReportQuery, Depends(on_event_loop(report_query))],
     engine: Annotated[Engine, Depends(get_engine)],
     request: Request,
-    download: Annotated[DownloadRequest | None, Depends(download_request)],
+    download: Annotated[
+        DownloadRequest | None, Depends(on_event_loop(download_request))
+    ],
 ) -> Response:
     """Return one page of the company's license allocations report.
 
@@ -137,8 +143,9 @@ def fetch_report(
     if query.offset >= matching.total:
         return matching.total, [], matching.freshness
 
-    page = page_statement(matching, query)
-    rows = [row_json(row) for row in conn.execute(page).mappings()]
+    page = page_template(tables, company_id, query)
+    result = conn.execute(page, page_parameters(company_id, query))
+    rows = [row_json(row) for row in result.mappings()]
     return matching.total, rows, matching.freshness
 
 
@@ -162,13 +169,19 @@ def count_rows(
     """
     report = ReportSql(tables, company_id)
     source, conditions = report.visible(query.include_suspended, query.department_id)
-    conditions.extend(report.filters(query))
+    filters = report.filters(query)
+    conditions.extend(filters)
     checks = id_checks(tables, company_id, query.license_id, query.department_id)
     if query.after is not None:
         checks.append(report.anchor_check(query.after))
-    count = select(func.count().label("total"), *checks)
-    result = conn.execute(count.select_from(source).where(*conditions))
-    counted = result.mappings().one()
+    scoped = query.department_id is not None or report.scope_department_id is not None
+    if filters or scoped:
+        count = select(func.count().label("total"), *checks)
+        count = count.select_from(source).where(*conditions)
+    else:
+        total = _company_total(tables, company_id, query.include_suspended)
+        count = select(total.label("total"), *checks)
+    counted = conn.execute(count).mappings().one()
     freshness = verify_ids(counted, company_id, query.license_id, query.department_id)
     if query.after is not None and not counted["cursor_known"]:
         message = (
@@ -179,45 +192,29 @@ def count_rows(
     return MatchingRows(report, source, conditions, counted["total"], freshness)
 
 
+def _company_total(
+    tables: Projection, company_id: int, include_suspended: bool
+) -> ColumnElement[int]:
+    """Return the number of the company's report rows, from ``report_totals``.
+
+    The projection keeps these numbers as it writes the rows, so the
+    unfiltered total reads one row instead of counting the company's rows.
+    """
+    totals = tables.report_totals
+    listed = totals.c.listed_rows
+    shown = listed if include_suspended else listed - totals.c.suspended_rows
+    row = select(shown).where(totals.c.company_id == company_id).scalar_subquery()
+    return func.coalesce(row, 0)
+
+
 def page_statement(matching: MatchingRows, query: ReportQuery) -> Select:
-    """Select the rows of the page that ``query`` requests, in its order."""
-    keys = matching.report.page_keys(query, matching.source, matching.conditions)
-    ordering = page_order(keys.c, query.descending)
-    return _page(matching.report, keys).order_by(*ordering)
+    """Select the rows of the page that ``query`` requests, in its order.
 
-
-def _page(report: ReportSql, keys: Subquery) -> Select:
-    """Select the columns of the page's rows, with departments and dates as JSON."""
-    t = report.tables
-    allocation, user = t.license_allocations, t.users
-    source = (
-        keys.join(
-            allocation,
-            (allocation.c.user_id == keys.c.user_id)
-            & (allocation.c.license_id == keys.c.license_id)
-            & (allocation.c.course_id == keys.c.course_id),
-        )
-        .join(t.licenses, t.licenses.c.license_id == allocation.c.license_id)
-        .join(user, user.c.user_id == allocation.c.user_id)
-        .outerjoin(t.courses, t.courses.c.course_id == allocation.c.course_id)
-    )
-    return select(
-        allocation.c.user_id,
-        user.c.firstname,
-        user.c.lastname,
-        user.c.email,
-        report.department_names().label("departments"),
-        allocation.c.license_id,
-        t.licenses.c.name.label("license_name"),
-        t.licenses.c.reusable,
-        allocation.c.course_id,
-        t.courses.c.name.label("course_name"),
-        allocation.c.allocated,
-        report.event_times(ALLOCATED).label("dates_allocated"),
-        report.event_times(UNALLOCATED).label("dates_unallocated"),
-        allocation.c.allocations,
-        allocation.c.unallocations,
-    ).select_from(source)
+    The statement carries the request's values, so it runs without parameters.
+    """
+    report = matching.report
+    template = page_template(report.tables, report.company_id, query)
+    return template.params(page_parameters(report.company_id, query))
 
 
 def row_json(row: RowMapping) -> dict[str, Any]:

@@ -132,6 +132,21 @@ def test_report_total_counts_all_rows(client):
     assert report(client, per_page=2)["total"] == len(ACME_ROWS)
 
 
+def test_report_total_with_suspended(client):
+    total = report(client, per_page=2, include_suspended="true")["total"]
+    assert total == len(ACME_ROWS) + 1
+
+
+def test_unfiltered_total_reads_the_kept_totals(client, engine):
+    """The kept totals serve the unfiltered total; any filter counts rows."""
+    with engine.begin() as conn:
+        table = schema.projection_tables(1).report_totals
+        conn.execute(update(table).values(listed_rows=table.c.listed_rows + 100))
+    assert report(client, per_page=2)["total"] == len(ACME_ROWS) + 100
+    filtered = report(client, per_page=2, allocated="true")["total"]
+    assert filtered < len(ACME_ROWS) + 100
+
+
 @pytest.mark.parametrize(
     "key",
     [
