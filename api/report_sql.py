@@ -214,19 +214,37 @@ class ReportSql:
         return conditions
 
     def _has_event_in(self, action: int, instants: InstantRange, prefix: str):
-        """Return an EXISTS: the row has an ``action`` event within ``instants``.
+        """Return the condition that the row has an ``action`` event in ``instants``.
 
-        ``prefix`` names the bound parameters of the range's ends.
+        The row's earliest and latest instants of that action decide it when
+        either lies in the range, or when the range is open at one end. Only
+        a row whose instants lie on both sides of a closed range has its
+        events read. ``prefix`` names the bound parameters of the range's ends.
         """
-        event = self.tables.license_events
-        conditions = [*self._same_row(event), event.c.action == action]
+        row = self.tables.license_allocations.c
+        first, last = (
+            (row.first_allocated_us, row.last_allocated_us)
+            if action == ALLOCATED
+            else (row.first_unallocated_us, row.last_unallocated_us)
+        )
+        start = end = None
         if instants.start_us is not None:
-            start_us = self._value(f"{prefix}_start_us", instants.start_us)
-            conditions.append(event.c.at_us >= start_us)
+            start = self._value(f"{prefix}_start_us", instants.start_us)
         if instants.end_us is not None:
-            end_us = self._value(f"{prefix}_end_us", instants.end_us)
-            conditions.append(event.c.at_us < end_us)
-        return exists().where(*conditions)
+            end = self._value(f"{prefix}_end_us", instants.end_us)
+
+        def within(column) -> ColumnElement[bool]:
+            limits = [] if start is None else [column >= start]
+            return and_(*limits, *([] if end is None else [column < end]))
+
+        if start is None or end is None:
+            return or_(within(first), within(last))
+        event = self.tables.license_events
+        between = exists().where(
+            *self._same_row(event), event.c.action == action, within(event.c.at_us)
+        )
+        straddles = and_(first < start, last >= end, between)
+        return or_(within(first), within(last), straddles)
 
     def _same_row(self, table) -> list[ColumnElement[bool]]:
         allocation = self.tables.license_allocations

@@ -291,6 +291,12 @@ FILTER_CASES = [
         id="allocated-range",
     ),
     pytest.param(
+        # Alice's safety row has allocations before and after, none inside.
+        {"allocated_from": "2024-02-01", "allocated_to": "2024-02-29"},
+        {CAROL_ROW},
+        id="allocated-range-between-events",
+    ),
+    pytest.param(
         {"allocated_from": "2024-04-01"},
         {BOB_UNKNOWN_COURSE, GRACE_ROW},
         id="allocated-from-only",
