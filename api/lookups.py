@@ -39,48 +39,51 @@ def id_checks(
     company_id: int,
     license_id: int | None = None,
     department_id: int | None = None,
+    bound: bool = False,
 ) -> list[ColumnElement]:
     """Return labelled columns that ``verify_ids`` reads from a result row.
 
     The subqueries use aliases, so they never correlate with the tables of a
     statement they are added to. When the access to ``company_id`` is limited
     to a department subtree, a ``department_in_scope`` column is true when
-    ``department_id`` lies in it.
+    ``department_id`` lies in it. With ``bound``, the ids are bound parameters
+    as in ``ReportSql``, and the given values only tell which checks to make.
     """
+    report = ReportSql(tables, company_id, bound=bound)
+    company = report.company_id
     state = tables.state
     columns = [
         _state_value(state, state.c.newest_event_time_us, "newest_event_time_us"),
         _state_value(state, state.c.applied_at_us, "applied_at_us"),
         exists()
-        .where(tables.companies.alias().c.company_id == company_id)
+        .where(tables.companies.alias().c.company_id == company)
         .label("company_known"),
     ]
     if license_id is not None:
         license_ = tables.licenses.alias()
         known = exists().where(
-            license_.c.license_id == license_id,
-            license_.c.company_id == company_id,
+            license_.c.license_id == report.value("license_id", license_id),
+            license_.c.company_id == company,
             license_.c.deleted == false(),
         )
         columns.append(known.label("license_known"))
     if department_id is not None:
+        department_id = report.value("department_id", department_id)
         department = tables.departments.alias()
         known = exists().where(
             department.c.department_id == department_id,
-            department.c.company_id == company_id,
+            department.c.company_id == company,
             department.c.deleted == false(),
         )
         columns.append(known.label("department_known"))
-        scope_department_id = department_limit(company_id)
-        if scope_department_id is not None:
-            columns.append(_in_scope(tables, company_id, department_id))
+        if report.scope_department_id is not None:
+            columns.append(_in_scope(report, department_id))
     return columns
 
 
-def _in_scope(tables: Projection, company_id: int, department_id: int) -> ColumnElement:
-    subtree = ReportSql(tables, company_id).department_subtree(
-        department_limit(company_id), "scope_check_subtree"
-    )
+def _in_scope(report: ReportSql, department_id) -> ColumnElement:
+    scope = report.value("scope_department_id", report.scope_department_id)
+    subtree = report.department_subtree(scope, "scope_check_subtree")
     found = select(subtree.c.department_id).where(
         subtree.c.department_id == department_id
     )

@@ -11,6 +11,7 @@ same queries with every matching row in the last one, and streams its result.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
-    FromClause,
     RowMapping,
     Select,
     func,
@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from starlette.responses import Response
 
-from api.auth import AuthorizedCompany
+from api.auth import AuthorizedCompany, CompanyAccess, department_limit
 from api.database import get_engine, live_snapshot
 from api.downloads import (
     OPENAPI_RESPONSES,
@@ -47,7 +47,12 @@ from api.params import (
     on_event_loop,
     report_query,
 )
-from api.report_sql import ReportSql, page_parameters, page_template
+from api.report_sql import (
+    ReportSql,
+    page_parameters,
+    page_template,
+    request_shape,
+)
 from consumer.timestamps import format_us
 from projections.as_of import SnapshotTooLarge
 from projections.schema import Projection
@@ -151,11 +156,9 @@ def fetch_report(
 
 @dataclass(frozen=True, slots=True)
 class MatchingRows:
-    """The joins and conditions of a request's rows, their number and freshness."""
+    """The SQL of a request's report, the number of its rows and the freshness."""
 
     report: ReportSql
-    source: FromClause
-    conditions: list[ColumnElement[bool]]
     total: int
     freshness: Freshness
 
@@ -167,21 +170,10 @@ def count_rows(
 
     Raises 404 (ApiError) as ``fetch_report`` does.
     """
-    report = ReportSql(tables, company_id)
-    source, conditions = report.visible(query.include_suspended, query.department_id)
-    filters = report.filters(query)
-    conditions.extend(filters)
-    checks = id_checks(tables, company_id, query.license_id, query.department_id)
-    if query.after is not None:
-        checks.append(report.anchor_check(query.after))
-    scoped = query.department_id is not None or report.scope_department_id is not None
-    if filters or scoped:
-        count = select(func.count().label("total"), *checks)
-        count = count.select_from(source).where(*conditions)
-    else:
-        total = _company_total(tables, company_id, query.include_suspended)
-        count = select(total.label("total"), *checks)
-    counted = conn.execute(count).mappings().one()
+    scoped = department_limit(company_id) is not None
+    count = _count_template(tables, scoped, request_shape(query))
+    result = conn.execute(count, page_parameters(company_id, query))
+    counted = result.mappings().one()
     freshness = verify_ids(counted, company_id, query.license_id, query.department_id)
     if query.after is not None and not counted["cursor_known"]:
         message = (
@@ -189,11 +181,37 @@ def count_rows(
             f"company {company_id}; request the first page again without cursor"
         )
         raise ApiError(422, [Problem(message, "cursor", "query", "value_error")])
-    return MatchingRows(report, source, conditions, counted["total"], freshness)
+    report = ReportSql(tables, company_id)
+    return MatchingRows(report, counted["total"], freshness)
+
+
+# One entry per shape of request and projection version, as for the page.
+@functools.lru_cache(maxsize=512)
+def _count_template(tables: Projection, scoped: bool, shape: ReportQuery) -> Select:
+    """Return the count and id checks of ``shape``, with bound parameters.
+
+    Without filters or a department, the total comes from the kept totals.
+    """
+    company = CompanyAccess(0, 0 if scoped else None)
+    report = ReportSql(tables, company, bound=True)
+    checks = id_checks(
+        tables, company, shape.license_id, shape.department_id, bound=True
+    )
+    if shape.after is not None:
+        checks.append(report.anchor_check(shape.after))
+    filters = report.filters(shape)
+    if filters or shape.department_id is not None or scoped:
+        source, conditions = report.visible(
+            shape.include_suspended, shape.department_id
+        )
+        count = select(func.count().label("total"), *checks)
+        return count.select_from(source).where(*conditions, *filters)
+    total = _company_total(tables, report.company_id, shape.include_suspended)
+    return select(total.label("total"), *checks)
 
 
 def _company_total(
-    tables: Projection, company_id: int, include_suspended: bool
+    tables: Projection, company_id: Any, include_suspended: bool
 ) -> ColumnElement[int]:
     """Return the number of the company's report rows, from ``report_totals``.
 
@@ -202,9 +220,9 @@ def _company_total(
     """
     totals = tables.report_totals
     listed = totals.c.listed_rows
-    shown = listed if include_suspended else listed - totals.c.suspended_rows
-    row = select(shown).where(totals.c.company_id == company_id).scalar_subquery()
-    return func.coalesce(row, 0)
+    visible_rows = listed if include_suspended else listed - totals.c.suspended_rows
+    row = select(visible_rows).where(totals.c.company_id == company_id)
+    return func.coalesce(row.scalar_subquery(), 0)
 
 
 def page_statement(matching: MatchingRows, query: ReportQuery) -> Select:

@@ -61,12 +61,12 @@ class ReportSql:
     ) -> None:
         self.tables = tables
         self.bound = bound
-        self.company_id = self._value("company_id", company_id)
+        self.company_id = self.value("company_id", company_id)
         # The department subtree that the request's credential is limited to.
         self.scope_department_id = department_limit(company_id)
         self._scope_subtree = None
 
-    def _value(self, name: str, value: Any, type_: Any = None) -> Any:
+    def value(self, name: str, value: Any, type_: Any = None) -> Any:
         """Return ``value``, or with ``bound`` the required parameter ``name``."""
         if self.bound:
             return bindparam(name, type_=type_, required=True)
@@ -82,7 +82,7 @@ class ReportSql:
             return None
         if self._scope_subtree is None:
             self._scope_subtree = self.department_subtree(
-                self._value("scope_department_id", self.scope_department_id),
+                self.value("scope_department_id", self.scope_department_id),
                 "scope_subtree",
             )
         return self._scope_subtree
@@ -134,7 +134,7 @@ class ReportSql:
         )
         if department_id is not None:
             subtree = self.department_subtree(
-                self._value("department_id", department_id)
+                self.value("department_id", department_id)
             )
             members = members.where(
                 membership.c.department_id.in_(select(subtree.c.department_id))
@@ -149,10 +149,10 @@ class ReportSql:
         allocation = self.tables.license_allocations
         conditions: list[ColumnElement[bool]] = []
         if query.license_id is not None:
-            license_id = self._value("license_id", query.license_id)
+            license_id = self.value("license_id", query.license_id)
             conditions.append(allocation.c.license_id == license_id)
         if query.course_id is not None:
-            course_id = self._value("course_id", query.course_id)
+            course_id = self.value("course_id", query.course_id)
             conditions.append(allocation.c.course_id == course_id)
         if query.allocated is not None:
             conditions.append(allocation.c.allocated == query.allocated)
@@ -205,9 +205,9 @@ class ReportSql:
         conditions = []
         for name, key in keys.items():
             if patterns[name] is not None:
-                conditions.append(_like(key, self._value(name, patterns[name])))
+                conditions.append(_like(key, self.value(name, patterns[name])))
         if query.search is not None:
-            pattern = self._value("search", patterns["search"])
+            pattern = self.value("search", patterns["search"])
             full_name = row.firstname_key + " " + row.lastname_key
             columns = (row.firstname_key, row.lastname_key, full_name, row.email_key)
             conditions.append(or_(*(_like(column, pattern) for column in columns)))
@@ -229,9 +229,9 @@ class ReportSql:
         )
         start = end = None
         if instants.start_us is not None:
-            start = self._value(f"{prefix}_start_us", instants.start_us)
+            start = self.value(f"{prefix}_start_us", instants.start_us)
         if instants.end_us is not None:
-            end = self._value(f"{prefix}_end_us", instants.end_us)
+            end = self.value(f"{prefix}_end_us", instants.end_us)
 
         def within(column) -> ColumnElement[bool]:
             limits = [] if start is None else [column >= start]
@@ -405,16 +405,16 @@ class ReportSql:
 
     def _key_of(self, row: FromClause, key: RowKey) -> list[ColumnElement[bool]]:
         return [
-            row.c.user_id == self._value("after_user_id", key.user_id),
-            row.c.license_id == self._value("after_license_id", key.license_id),
-            row.c.course_id == self._value("after_course_id", key.course_id),
+            row.c.user_id == self.value("after_user_id", key.user_id),
+            row.c.license_id == self.value("after_license_id", key.license_id),
+            row.c.course_id == self.value("after_course_id", key.course_id),
         ]
 
     def _page_size(self, query: ReportQuery):
-        return self._value("per_page", query.per_page, Integer)
+        return self.value("per_page", query.per_page, Integer)
 
     def _offset(self, query: ReportQuery):
-        return self._value("offset", query.offset, Integer)
+        return self.value("offset", query.offset, Integer)
 
     def _sort_value(
         self, sort: str, source: FromClause
@@ -490,10 +490,10 @@ def page_template(tables: Projection, company_id: int, query: ReportQuery) -> Se
     required, so a value left out raises instead of reading another request's.
     """
     scoped = department_limit(company_id) is not None
-    return _page_template(tables, scoped, _shape(query))
+    return _page_template(tables, scoped, request_shape(query))
 
 
-# One entry per shape (see _shape) and projection version. A shape that
+# One entry per shape (see request_shape) and projection version. A shape that
 # dropped out is only built again.
 @functools.lru_cache(maxsize=512)
 def _page_template(tables: Projection, scoped: bool, shape: ReportQuery) -> Select:
@@ -506,7 +506,7 @@ def _page_template(tables: Projection, scoped: bool, shape: ReportQuery) -> Sele
     return report.page(shape, source, conditions)
 
 
-def _shape(query: ReportQuery) -> ReportQuery:
+def request_shape(query: ReportQuery) -> ReportQuery:
     """Return ``query`` with placeholders for the values that parameters carry.
 
     What remains decides the statement's structure: which ids, texts, ranges
@@ -603,7 +603,7 @@ def _two_part_page(
     Each part is ordered and cut at the page's end on its own, so each can be
     read from an index, and NULL comes last in either direction.
     """
-    end = report._value("page_end", query.offset + query.per_page, Integer)
+    end = report.value("page_end", query.offset + query.per_page, Integer)
     present = rows.where(sort_value.is_not(None))
     missing = rows.where(sort_value.is_(None))
     if anchor is not None:

@@ -84,3 +84,22 @@ def test_template_search_follows_each_request(client):
     bob = keys_of(client, ACME, search="bob")
     assert alice == {key for key in ACME_ROWS if key[0] == ALICE}
     assert bob == {key for key in ACME_ROWS if key[0] == BOB}
+
+
+def totals_of(client: TestClient, company: int, **params) -> int:
+    response = client.get(
+        REPORT.format(company=company),
+        params=params,
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["total"]
+
+
+@pytest.mark.parametrize("params", [{}, {"search": "a"}], ids=["kept", "counted"])
+def test_count_follows_each_request(client, params):
+    acme = totals_of(client, ACME, **params)
+    globex = totals_of(client, GLOBEX, **params)
+    assert acme == len(keys_of(client, ACME, **params))
+    assert globex == len(keys_of(client, GLOBEX, **params))
+    assert acme != globex
