@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import prometheus_client
 from kafka import (
@@ -43,6 +44,13 @@ RETRY_MAX_SECONDS = 30.0
 # the loop after every batch and delays a shutdown past what supervisors allow.
 KAFKA_COMMIT_TIMEOUT_MS = 5_000
 KAFKA_CLOSE_TIMEOUT_MS = 5_000
+
+
+class _Span(NamedTuple):
+    """The first and the last offset of one partition's records in a batch."""
+
+    first: int
+    last: int
 
 
 class LicenseEventConsumer:
@@ -83,6 +91,8 @@ class LicenseEventConsumer:
             heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
             max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
             max_poll_records=settings.batch_max_records,
+            max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
+            fetch_max_bytes=settings.kafka_fetch_max_bytes,
         )
         self._kafka.subscribe([settings.kafka_topic], listener=_Rebalance(self))
         if settings.metrics_port:
@@ -142,20 +152,30 @@ class LicenseEventConsumer:
         }
 
     def _process(self, records: dict[TopicPartition, list]) -> None:
-        """Apply one polled batch, or rewind it for another try if that fails."""
+        """Apply one polled batch, or rewind it for another try if that fails.
+
+        ``records`` is emptied once decoded, so that the fetched records and
+        their raw values are freed before the database work begins.
+        """
         started = time.monotonic()
+        count = sum(len(batch) for batch in records.values())
+        spans = {
+            tp: _Span(batch[0].offset, batch[-1].offset)
+            for tp, batch in records.items()
+        }
         values = (
             (record.topic, record.partition, record.offset, record.value)
             for partition_records in records.values()
             for record in partition_records
         )
         decoded = decode_values(values)
+        records.clear()
         group_id = self.settings.kafka_group_id
         offsets = {
             (group_id, tp.topic, tp.partition): OffsetUpdate(
-                self.expected.get(tp), batch[-1].offset + 1
+                self.expected.get(tp), span.last + 1
             )
-            for tp, batch in records.items()
+            for tp, span in spans.items()
         }
         try:
             with self.engine.begin() as conn:
@@ -163,28 +183,28 @@ class LicenseEventConsumer:
                     conn, decoded.events, decoded.dead_letters, offsets
                 )
         except OffsetsFenced as fenced:
-            self._resync(records, fenced)
+            self._resync(spans, fenced)
             return
         except self.database_errors as error:
             metrics.BATCH_RETRIES.labels(reason="database").inc()
-            self._rewind(records)
+            self._rewind(spans)
             self._back_off(error, offsets)
             return
 
         self._failures = 0
-        for tp, update_ in zip(records, offsets.values(), strict=True):
-            self.expected[tp] = update_.next_offset
+        for tp, span in spans.items():
+            self.expected[tp] = span.last + 1
         self._record(result, time.monotonic() - started)
         logger.info(
             "batch applied records=%d applied=%d duplicates=%d dead_letters=%d "
             "seconds=%.3f",
-            sum(len(batch) for batch in records.values()),
+            count,
             sum(result.applied.values()),
             result.duplicates,
             result.dead_letters,
             time.monotonic() - started,
         )
-        self._commit_to_kafka(records)
+        self._commit_to_kafka(spans)
 
     def _record(self, result, seconds: float) -> None:
         metrics.BATCH_SECONDS.observe(seconds)
@@ -207,16 +227,16 @@ class LicenseEventConsumer:
             metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=tp.partition).set(lag)
 
     def _resync(
-        self, records: dict[TopicPartition, list], fenced: OffsetsFenced
+        self, spans: dict[TopicPartition, _Span], fenced: OffsetsFenced
     ) -> None:
         """Drop a batch another consumer got to first; resume from stored offsets."""
         metrics.BATCH_RETRIES.labels(reason="fenced").inc()
         logger.warning("batch dropped, %s", fenced)
-        partitions = set(records)
+        partitions = set(spans)
         try:
             stored = self.stored_offsets(partitions)
         except self.database_errors as error:
-            self._rewind(records)
+            self._rewind(spans)
             self._back_off(error, {})
             return
         for tp in partitions:
@@ -224,12 +244,12 @@ class LicenseEventConsumer:
             if tp in stored:
                 self._kafka.seek(tp, stored[tp])
             else:
-                self._kafka.seek(tp, records[tp][0].offset)
+                self._kafka.seek(tp, spans[tp].first)
 
-    def _rewind(self, records: dict[TopicPartition, list]) -> None:
+    def _rewind(self, spans: dict[TopicPartition, _Span]) -> None:
         """Seek back to the first record of each partition so it is polled again."""
-        for tp, batch in records.items():
-            self._kafka.seek(tp, batch[0].offset)
+        for tp, span in spans.items():
+            self._kafka.seek(tp, span.first)
 
     def _back_off(self, error: Exception, offsets: dict) -> None:
         self._failures += 1
@@ -250,11 +270,10 @@ class LicenseEventConsumer:
         )
         self.stopping.wait(delay)
 
-    def _commit_to_kafka(self, records: dict[TopicPartition, list]) -> None:
+    def _commit_to_kafka(self, spans: dict[TopicPartition, _Span]) -> None:
         """Commit the applied offsets to Kafka for monitoring; failures are harmless."""
         offsets = {
-            tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1)
-            for tp, batch in records.items()
+            tp: OffsetAndMetadata(span.last + 1, "", -1) for tp, span in spans.items()
         }
         try:
             self._kafka.commit(offsets, timeout_ms=KAFKA_COMMIT_TIMEOUT_MS)

@@ -25,6 +25,8 @@ def read_topic(settings: Settings, idle_ms: int = 2_000) -> Iterator[list[Value]
         group_id=None,
         enable_auto_commit=False,
         max_poll_records=settings.batch_max_records,
+        max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
+        fetch_max_bytes=settings.kafka_fetch_max_bytes,
     )
     try:
         topic = settings.kafka_topic

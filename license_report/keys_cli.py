@@ -9,17 +9,19 @@ from __future__ import annotations
 import secrets
 import uuid
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from sqlalchemy import Connection, Engine, false, func, select, update
 
-from api.auth import MAX_ID, SCOPE_KINDS, ScopeKind, hash_key
 from consumer.events import Event, UserDeleted
 from consumer.timestamps import format_us, now_us
 from projections import schema
 from projections.apply import IncomingEvent, apply_batch
 from projections.registry import live_projection
+
+if TYPE_CHECKING:
+    from api.auth import ScopeKind
 
 commands = typer.Typer()
 keys_app = typer.Typer(
@@ -33,6 +35,10 @@ DatabaseUrl = Annotated[
     typer.Option(help="SQLAlchemy database URL [env: LICENSE_REPORT_DATABASE_URL]"),
 ]
 PREFIX_LENGTH = 8
+# The largest id a command accepts: PostgreSQL's bigint maximum, the same bound
+# as api.auth.MAX_ID. It is repeated here because importing api.auth loads
+# FastAPI, which every command, ``consume`` included, would then carry.
+MAX_ID = 2**63 - 1
 # Random bytes per key: 256 bits, written as 43 URL-safe base64 characters.
 KEY_BYTES = 32
 PURGE_SOURCE = "/license-report/purge-user"
@@ -69,6 +75,8 @@ def create_key(
     department_id: int | None = None,
 ) -> tuple[str, StoredKey]:
     """Store a new random key's hash; return the key, which exists nowhere else."""
+    from api.auth import SCOPE_KINDS, hash_key
+
     if scope not in SCOPE_KINDS:
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPE_KINDS}")
     key = secrets.token_urlsafe(KEY_BYTES)

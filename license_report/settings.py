@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(default=45_000, gt=0)
     kafka_heartbeat_interval_ms: int = Field(default=3_000, gt=0)
     kafka_max_poll_interval_ms: int = Field(default=300_000, gt=0)
+    # Bytes of records that one fetch response may carry per partition and in
+    # all. kafka-python's fetch_max_bytes default is 50 MiB, and
+    # docs/operations.md gives the measurements behind the 2 MiB default.
+    kafka_max_partition_fetch_bytes: int = Field(default=1_048_576, gt=0)
+    kafka_fetch_max_bytes: int = Field(default=2_097_152, gt=0)
     # Upper bounds of one batch: records per poll and milliseconds to wait for them.
     batch_max_records: int = Field(default=5_000, gt=0)
     batch_timeout_ms: int = Field(default=500, gt=0)
