@@ -10,6 +10,9 @@ tables without them, then calls ``recount`` and ``install`` once at the end.
 
 PostgreSQL batches that write report rows take their turns under the copies
 lock (projections.apply), so updates of a company's totals do not deadlock.
+
+NOTE: no trigger watches deletions, because nothing deletes report rows. Code
+that deletes them must also add a DELETE trigger or call ``recount``.
 """
 
 from __future__ import annotations
