@@ -14,6 +14,10 @@ from license_report.errors import LicenseReportError
 from license_report.logs import configure_logging
 from license_report.settings import Settings
 
+# projections.rebuild.DEFAULT_BATCH_SIZE, repeated so that the CLI module does
+# not import the projection code for every command.
+REBUILD_BATCH_SIZE = 50_000
+
 logger = logging.getLogger(__name__)
 
 app = typer.Typer(
@@ -233,7 +237,7 @@ def rebuild(
     ] = False,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Events per transaction")
-    ] = 20000,
+    ] = REBUILD_BATCH_SIZE,
 ) -> None:
     """Build a new projection beside the live one, then switch readers to it.
 

@@ -36,7 +36,10 @@ from projections.schema import PROJECTION_LAYOUT, Projection
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 20_000
+# Stored events per rebuild transaction. On 2 cores, a million events took
+# about 20 % less time in batches of 50,000 than of 20,000, and the process
+# peaked at 197 MiB instead of 131 MiB: two batches are in memory at a time.
+DEFAULT_BATCH_SIZE = 50_000
 # The switch happens once fewer events than this remain to catch up.
 SWITCH_THRESHOLD = 5_000
 

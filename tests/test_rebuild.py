@@ -279,3 +279,10 @@ def test_rebuild_replaces_older_layout(database_url, engine, history):
     assert verify(engine).differences == []
     replayed = runner.invoke(cli, ["replay", "-"], input="", env=environment)
     assert replayed.exit_code == 0, replayed.output
+
+
+def test_cli_batch_size_default_matches():
+    from license_report.cli import REBUILD_BATCH_SIZE
+    from projections.rebuild import DEFAULT_BATCH_SIZE
+
+    assert REBUILD_BATCH_SIZE == DEFAULT_BATCH_SIZE
