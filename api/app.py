@@ -24,7 +24,7 @@ from api.security import install_security
 from license_report.settings import Settings
 from projections.as_of import SnapshotCache
 from projections.migrate import check_current
-from projections.sql import make_engine
+from projections.sql import make_engine, without_jit
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """
     owns_engine = engine is None
     if engine is None:
-        engine = make_engine(settings.database_url)
+        engine = without_jit(make_engine(settings.database_url))
     key_ring = KeyRing.from_settings(settings, engine)
 
     @asynccontextmanager

@@ -45,3 +45,16 @@ def test_metrics_count_requests_by_route(database_url):
         body = client.get("/metrics").text
     assert 'route="/v1/companies/{company_id}/license-allocations"' in body
     assert 'status="401"' in body
+
+
+def test_api_connections_without_jit(postgres_url):
+    from api.app import create_app
+    from license_report.settings import Settings
+
+    app = create_app(Settings(database_url=postgres_url))
+    engine = app.state.engine
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW jit").scalar() == "off"
+    finally:
+        engine.dispose()
