@@ -60,12 +60,9 @@ def assert_totals_kept(engine: Engine) -> None:
     assert kept == totals(engine, recount=True)
 
 
-@pytest.mark.parametrize("batch_size", [1, 37])
-def test_copies_match_after_a_history(engine, batch_size):
-    # Renamed users, departments, courses and licenses, moves, suspensions,
-    # deletions and late reference data, delivered out of order.
-    history = generate_history(seed=7, companies=3, users=60)
-    values = [value for _, value in history.messages]
+def apply_messages(engine: Engine, messages, batch_size: int) -> None:
+    """Apply a history's messages in batches of ``batch_size``, each committed."""
+    values = [value for _, value in messages]
     for start in range(0, len(values), batch_size):
         chunk = values[start : start + batch_size]
         decoded = decode_values(
@@ -73,6 +70,14 @@ def test_copies_match_after_a_history(engine, batch_size):
         )
         with engine.begin() as conn:
             apply_batch(conn, decoded.events, decoded.dead_letters)
+
+
+@pytest.mark.parametrize("batch_size", [1, 37])
+def test_copies_match_after_a_history(engine, batch_size):
+    # Renamed users, departments, courses and licenses, moves, suspensions,
+    # deletions and late reference data, delivered out of order.
+    history = generate_history(seed=7, companies=3, users=60)
+    apply_messages(engine, history.messages, batch_size)
 
     incremental = copies(engine)
     assert incremental == recomputed(engine)

@@ -21,10 +21,8 @@ from api.app import create_app
 from api.database import live_snapshot
 from api.params import day_range, report_query
 from api.report import fetch_report
-from consumer.batch import decode_values
 from license_report.settings import Settings
 from projections import rebuild
-from projections.apply import apply_batch
 from projections.ordering import ALLOCATED, UNALLOCATED
 from projections.rebuild import rebuild_from_store
 from projections.registry import live_projection
@@ -32,7 +30,7 @@ from projections.verify import verify
 from tests.api_data import ACME, GLOBEX, load_history
 from tests.history import generate_history
 from tests.test_projection import allocate, apply, event, unallocate
-from tests.test_report_rows import SETUP, T0, T1, USER, totals
+from tests.test_report_rows import SETUP, T0, T1, USER, apply_messages, totals
 
 KEY = "totals-key"
 REPORT = "/v1/companies/{company}/license-allocations"
@@ -59,17 +57,6 @@ def _get(client: TestClient, company: int, **params) -> dict:
 
 def _keys(body: dict) -> set[tuple[int, int, int]]:
     return {(r["user_id"], r["license_id"], r["course_id"]) for r in body["rows"]}
-
-
-def _apply_history(engine: Engine, messages, batch_size: int) -> None:
-    values = [value for _, value in messages]
-    for start in range(0, len(values), batch_size):
-        chunk = values[start : start + batch_size]
-        decoded = decode_values(
-            ("test", 0, start + i, value) for i, value in enumerate(chunk)
-        )
-        with engine.begin() as conn:
-            apply_batch(conn, decoded.events, decoded.dead_letters)
 
 
 def _listed_companies(engine: Engine) -> list[int]:
@@ -207,7 +194,7 @@ def history():
 
 
 def test_history_unfiltered_totals_match_rows(engine, history):
-    _apply_history(engine, history.messages, batch_size=29)
+    apply_messages(engine, history.messages, batch_size=29)
     companies = _listed_companies(engine)
     assert len(companies) >= 2
     with _client(engine) as client:
@@ -238,7 +225,7 @@ def _date_of(micros: int, zone: ZoneInfo) -> date:
 
 def test_history_date_filters_match_events(engine, history):
     """Random day ranges around real event instants, closed and one-sided."""
-    _apply_history(engine, history.messages, batch_size=101)
+    apply_messages(engine, history.messages, batch_size=101)
     instants = _event_instants(engine)
     all_instants = []
     for per_action in instants.values():
@@ -290,7 +277,7 @@ class Interrupt(Exception):
 
 def test_rebuild_resumed_after_install_keeps_totals(engine, history, monkeypatch):
     half = len(history.messages) // 2
-    _apply_history(engine, history.messages[:half], batch_size=500)
+    apply_messages(engine, history.messages[:half], batch_size=500)
 
     def fail(*args, **kwargs):
         raise Interrupt
@@ -300,7 +287,7 @@ def test_rebuild_resumed_after_install_keeps_totals(engine, history, monkeypatch
         rebuild_from_store(engine, batch_size=300, switch_threshold=1)
     monkeypatch.undo()
 
-    _apply_history(engine, history.messages[half:], batch_size=500)
+    apply_messages(engine, history.messages[half:], batch_size=500)
     result = rebuild_from_store(engine, batch_size=300, switch_threshold=1)
 
     assert result.resumed is True
