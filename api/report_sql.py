@@ -498,8 +498,8 @@ def page_template(tables: Projection, company_id: int, query: ReportQuery) -> Se
     return _page_template(tables, scoped, request_shape(query))
 
 
-# One entry per shape (see request_shape) and projection version. A shape that
-# dropped out is only built again.
+# One entry per shape (see request_shape) and projection version. A shape evicted
+# from the cache is built again when requested.
 @functools.lru_cache(maxsize=512)
 def _page_template(tables: Projection, scoped: bool, shape: ReportQuery) -> Select:
     # Only whether a scope is set shapes the statement, because its

@@ -640,7 +640,7 @@ def _greatest(current, incoming):
 
 
 def _least(current, incoming):
-    """The smaller of two nullable columns, portable to SQLite and PostgreSQL."""
+    """Return the smaller of two nullable columns, on SQLite and PostgreSQL alike."""
     return case(
         (current.is_(None), incoming),
         (incoming.is_(None), current),

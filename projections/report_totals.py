@@ -31,7 +31,7 @@ _COUNTED = "company_id, listed, suspended"
 def keep_with_tables(projection: Projection) -> None:
     """Install the triggers whenever ``metadata.create_all`` creates the tables.
 
-    Dropping the tables drops their triggers; on PostgreSQL the trigger
+    Dropping the tables drops their triggers. On PostgreSQL, the trigger
     functions are dropped after them.
     """
 

@@ -56,8 +56,7 @@ def totals(engine: Engine, recount: bool = False) -> dict[int, tuple[int, int]]:
 
 
 def assert_totals_kept(engine: Engine) -> None:
-    kept = totals(engine)
-    assert kept == totals(engine, recount=True)
+    assert totals(engine) == totals(engine, recount=True)
 
 
 def apply_messages(engine: Engine, messages, batch_size: int) -> None:
@@ -146,7 +145,7 @@ def test_copies_of_one_row(engine):
     assert totals(engine) == {1: (1, 0)}
 
 
-def test_totals_of_a_new_row_of_a_suspended_user(engine):
+def test_totals_new_suspended_row(engine):
     suspended = event("u1", "user.upserted", T0, USER | {"suspended": True})
     apply(engine, [suspended if b'"id":"u1"' in item else item for item in SETUP])
     assert only_row(engine)["suspended"] is True
