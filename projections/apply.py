@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
-from sqlalchemy import Connection, case, func, select, tuple_
+from sqlalchemy import Connection, Select, case, delete, func, select, tuple_
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
@@ -267,11 +267,15 @@ def write_prepared(
     projection: Projection,
     batch: PreparedBatch,
     copies: bool = True,
+    fold: bool = True,
 ) -> None:
     """Write a prepared batch to the projection inside the caller's transaction.
 
     Without ``copies``, the report rows' copied columns are left for a later
-    ``report_rows.refresh_all``, which a rebuild runs once at the end.
+    ``report_rows.refresh_all``, which a rebuild runs once at the end. Without
+    ``fold``, on PostgreSQL, the license events are stored but the report rows
+    are left for a later ``refold``; the events must then be new to the
+    projection, as each rebuild batch's are.
     """
     if not batch.events:
         return
@@ -281,7 +285,10 @@ def write_prepared(
             _upsert_versioned(conn, getattr(projection, name), key, rows)
     _lock_copies(conn, projection)
     if batch.license_events:
-        _apply_license_events(conn, projection, batch.license_events)
+        if fold or conn.dialect.name != "postgresql":
+            _apply_license_events(conn, projection, batch.license_events)
+        else:
+            _store_license_events(conn, projection, batch.license_events)
     if copies:
         _refresh_copies(conn, projection, batch)
     _update_state(conn, projection, batch.newest_time_us, batch.events)
@@ -503,7 +510,7 @@ def _apply_license_events(
                 "first_unallocated_us": None,
             },
         )
-        _fold(row, item)
+        _fold_row(row, item)
     if not deltas:
         return
 
@@ -518,21 +525,67 @@ def _fold_in_database(
     """Store license events and fold the new ones into report rows, on PostgreSQL.
 
     One statement inserts the staged events; its RETURNING rows, the events not
-    stored before, are grouped per report row into the same delta that _fold
-    computes, and merged as on other databases.
+    stored before, are grouped per report row into the same delta that
+    _fold_row computes, and merged as on other databases.
     """
+    events = projection.license_events
+    columns = list(history[0])
+    new = (
+        _insert_license_events(conn, projection, history)
+        .returning(*(events.c[name] for name in columns if name != "event_id"))
+        .cte("new_license_events")
+    )
+    statement = _fold(conn, projection, new, select(new.c.user_id))
+    conn.execute(_merge_allocations(projection.license_allocations, statement))
+
+
+def _insert_license_events(
+    conn: Connection, projection: Projection, history: list[dict[str, object]]
+):
+    """Stage license events and return the INSERT that stores the new ones."""
     events = projection.license_events
     columns = list(history[0])
     values = (list(row.values()) for row in history)
     staging = bulk.stage(conn, events, columns, values)
     in_order = select(staging).order_by(staging.c.event_id.collate("C"))
-    new = (
+    return (
         insert(conn, events)
         .from_select(columns, in_order)
         .on_conflict_do_nothing(index_elements=[events.c.event_id])
-        .returning(*(events.c[name] for name in columns if name != "event_id"))
-        .cte("new_license_events")
     )
+
+
+def _store_license_events(
+    conn: Connection, projection: Projection, history: list[dict[str, object]]
+) -> None:
+    """Copy license events into the table unfolded, on PostgreSQL.
+
+    Unlike the folding path, which skips event ids stored before, this one
+    fails on them, so it serves only events that are new to the projection.
+    """
+    values = (list(row.values()) for row in history)
+    bulk.copy_rows(conn, projection.license_events, list(history[0]), values)
+
+
+def refold(conn: Connection, projection: Projection) -> None:
+    """Compute every report row from the stored license events, on PostgreSQL.
+
+    The rows are replaced with one fold of all the events, copied columns
+    included, which gives the same rows as folding the events batch by batch.
+    The reference rows must be complete, because the copies come from them.
+    """
+    conn.execute(delete(projection.license_allocations))
+    conn.execute(_fold(conn, projection, projection.license_events, users=None))
+
+
+def _fold(conn: Connection, projection: Projection, new, users: Select | None):
+    """Return an INSERT of the report row deltas of the license events in ``new``.
+
+    ``new`` has the columns of ``license_events``. The events are grouped per
+    report row into the same delta that _fold_row computes, with the rows'
+    copied columns from the reference rows already written. ``users`` selects
+    the user ids of ``new``, or is None for every user.
+    """
 
     def latest(column):
         newest_first = (new.c.time_us.desc(), new.c.order_sequence.desc())
@@ -559,13 +612,11 @@ def _fold_in_database(
     )
     # The rows' copied columns, from the reference rows this batch has
     # already written, so report_rows.refresh need not visit these rows.
-    source, copies = report_rows.with_copies(projection, delta, select(new.c.user_id))
+    source, copies = report_rows.with_copies(projection, delta, users)
     ordered = [delta.c.user_id, delta.c.license_id, delta.c.course_id]
     rows = select(delta, *copies).select_from(source).order_by(*ordered)
-    table = projection.license_allocations
     names = [column.name for column in rows.selected_columns]
-    statement = insert(conn, table).from_select(names, rows)
-    conn.execute(_merge_allocations(table, statement))
+    return insert(conn, projection.license_allocations).from_select(names, rows)
 
 
 def _merge_allocations(table, statement):
@@ -607,7 +658,7 @@ def _merge_allocations(table, statement):
     )
 
 
-def _fold(row: dict[str, object], item: dict[str, int]) -> None:
+def _fold_row(row: dict[str, object], item: dict[str, int]) -> None:
     """Add one license event to a report row's batch delta."""
     allocation = item["action"] == ALLOCATED
     counter, earliest, latest = (

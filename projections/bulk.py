@@ -40,15 +40,28 @@ def stage(
     conn.execute(CreateTable(staging, if_not_exists=True))
     # Empty unless the same transaction staged rows for this table before.
     conn.execute(delete(staging))
+    copy_rows(conn, staging, columns, rows)
+    return staging
+
+
+def copy_rows(
+    conn: Connection,
+    target: Table,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+) -> None:
+    """Copy ``rows`` into ``target``'s ``columns`` with one COPY.
+
+    A row that violates a constraint of ``target`` fails the whole COPY.
+    """
     cursor = conn.connection.driver_connection.cursor()
     statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier(staging.name),
+        sql.Identifier(target.name),
         sql.SQL(", ").join(map(sql.Identifier, columns)),
     )
     with cursor.copy(statement) as copy:
         for row in rows:
             copy.write_row(row)
-    return staging
 
 
 @functools.lru_cache(maxsize=256)

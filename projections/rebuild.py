@@ -29,6 +29,7 @@ from projections.apply import (
     PreparedBatch,
     prepare_events,
     project_events,
+    refold,
     write_prepared,
 )
 from projections.registry import BUILDING, LIVE, RETIRED, tables
@@ -92,6 +93,11 @@ def _rebuild(
         position,
         resumed,
     )
+    # On PostgreSQL the fill copies license events in unfolded, and one fold
+    # of all of them afterwards writes the report rows. On the 1M-event
+    # history of bench/rebuild.py that took 14.4 to 14.7 s instead of 15.5
+    # to 17.8 s with a fold per batch (2 cores, one machine, runs alternated).
+    fold_once = engine.dialect.name == "postgresql"
     done = 0
     while True:
         end = _committed_end(engine)
@@ -103,7 +109,9 @@ def _rebuild(
         batches = _read_ahead(engine, projection, position, end, batch_size)
         for batch, position in batches:
             with engine.begin() as conn:
-                write_prepared(conn, projection, batch, copies=False)
+                write_prepared(
+                    conn, projection, batch, copies=False, fold=not fold_once
+                )
                 _set_position(conn, projection, position)
             done += batch.events
             remaining -= batch.events
@@ -112,7 +120,10 @@ def _rebuild(
 
     filled = time.monotonic()
     with engine.begin() as conn:
-        report_rows.refresh_all(conn, projection)
+        if fold_once:
+            refold(conn, projection)
+        else:
+            report_rows.refresh_all(conn, projection)
         # The totals triggers from here on, for the events the switch catches up.
         report_totals.recount(conn, projection)
         report_totals.install(conn, projection)
