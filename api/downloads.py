@@ -3,7 +3,8 @@
 A download contains every row that matches the request's filters, in its sort
 order; ``page``, ``per_page`` and ``cursor`` are ignored. The rows are read with a
 server-side cursor (PostgreSQL) or SQLite's lazy cursor, ``FETCH_ROWS`` at a
-time, so the server's memory does not grow with the number of rows. A CSV is
+time, so the server's memory does not grow with the number of rows. A thread
+reads the next rows while the ones before are formatted. A CSV is
 streamed as it is written. An XLSX is written to a temporary file first,
 because its ZIP container is finished only at the end, and the file is
 streamed from there.
@@ -19,20 +20,24 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import queue
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 import xlsxwriter
 from fastapi import Query, Request
+from sqlalchemy import RowMapping
 from starlette.responses import StreamingResponse
 
 from api.errors import ApiError, Problem
 from api.params import ReportQuery
+from consumer.timestamps import format_us
 
 CSV_MEDIA_TYPE = "text/csv"
 XLSX_MEDIA_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
@@ -67,6 +72,7 @@ SHEET_NAME = "License allocations"
 # cell as a formula (the list OWASP gives for CSV injection).
 _FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 _DATE_PATTERNS = {"date": "%Y-%m-%d", "datetime": "%Y-%m-%d %H:%M"}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MEDIA_FORMATS: dict[str, Format] = {
     JSON_MEDIA_TYPE: "json",
     CSV_MEDIA_TYPE: "csv",
@@ -170,7 +176,7 @@ def download_response(
     connection stays open until the last chunk is sent or the client leaves.
     """
     # Imported here because api.report imports this module for its endpoint.
-    from api.report import count_rows, page_statement, report_source, row_json
+    from api.report import count_rows, download_statement, report_source
 
     query = replace(query, after=None)
     zone = ZoneInfo(download.time_zone)
@@ -181,13 +187,13 @@ def download_response(
         matching = count_rows(conn, tables, company_id, query)
         if download.format == "xlsx" and matching.total > MAX_XLSX_ROWS:
             raise _too_many_rows(matching.total)
-        rows: Iterator[dict[str, Any]] = iter(())
+        rows: Iterator[RowMapping] = iter(())
         if matching.total:
-            everything = replace(query, page=1, per_page=matching.total)
-            statement = page_statement(matching, everything).execution_options(
+            statement = download_statement(matching, query).execution_options(
                 stream_results=True, yield_per=FETCH_ROWS
             )
-            rows = (row_json(row) for row in conn.execute(statement).mappings())
+            result = conn.execute(statement).mappings()
+            rows = fetch_ahead(result.partitions())
         if query.as_of_us is not None:
             # A point-in-time snapshot lives in memory behind one connection
             # that other requests share, so it is read at once and released.
@@ -208,6 +214,47 @@ def download_response(
     return StreamingResponse(
         _closing(chunks, stack), media_type=media_type, headers=headers
     )
+
+
+def fetch_ahead(partitions: Iterator[list[Any]], depth: int = 1) -> Iterator[Any]:
+    """Yield the rows of ``partitions``, read by a thread up to ``depth`` ahead.
+
+    The database computes the next rows while the caller formats these ones.
+    When the generator closes, it stops the thread and waits for it, so the
+    caller may then close the connection.
+    """
+    chunks: queue.Queue[list[Any] | BaseException | None] = queue.Queue(depth)
+    stopping = threading.Event()
+
+    def put(item: list[Any] | BaseException | None) -> bool:
+        while not stopping.is_set():
+            try:
+                chunks.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for chunk in partitions:
+                if not put(chunk):
+                    return
+        except BaseException as error:  # noqa: BLE001 - raised again by the caller
+            put(error)
+            return
+        put(None)
+
+    reader = threading.Thread(target=read, name="download-reader", daemon=True)
+    reader.start()
+    try:
+        while (chunk := chunks.get()) is not None:
+            if isinstance(chunk, BaseException):
+                raise chunk
+            yield from chunk
+    finally:
+        stopping.set()
+        reader.join()
 
 
 def _closing(chunks: Iterator[bytes], stack: ExitStack) -> Iterator[bytes]:
@@ -236,20 +283,26 @@ def download_filename(company_id: int, extension: str, zone: ZoneInfo) -> str:
 
 def row_cells_formatter(
     date_format: DateFormat, zone: ZoneInfo
-) -> Callable[[dict[str, Any]], list[Cell]]:
-    """Return a function that turns a JSON report row into the file's cells."""
+) -> Callable[[RowMapping], list[Cell]]:
+    """Return a function that turns a row of the report's SQL into the file's cells.
 
-    def dates(values: list[str]) -> str:
-        return LIST_SEPARATOR.join(
-            format_date(value, date_format, zone) for value in values
-        )
+    The cells hold what the JSON report holds, formatted as the file shows it.
+    """
+    # Imported here because api.report imports this module for its endpoint.
+    from api.report import department_sort_key, json_array
 
-    def cells(row: dict[str, Any]) -> list[Cell]:
+    instant = instant_formatter(date_format, zone)
+
+    def dates(text: str | None) -> str:
+        return LIST_SEPARATOR.join(map(instant, sorted(json_array(text))))
+
+    def cells(row: RowMapping) -> list[Cell]:
         reusable = row["reusable"]
+        departments = sorted(json_array(row["departments"]), key=department_sort_key)
         return [
             neutralise(row["firstname"]),
             neutralise(row["lastname"]),
-            neutralise(LIST_SEPARATOR.join(row["departments"])),
+            neutralise(LIST_SEPARATOR.join(departments)),
             neutralise(row["email"]),
             neutralise(row["license_name"]),
             neutralise(row["course_name"]),
@@ -263,20 +316,25 @@ def row_cells_formatter(
     return cells
 
 
-def format_date(value: str, date_format: DateFormat, zone: ZoneInfo) -> str:
-    """Reformat an RFC 3339 UTC instant of the JSON report in ``zone``.
+def instant_formatter(date_format: DateFormat, zone: ZoneInfo) -> Callable[[int], str]:
+    """Return a function that formats microseconds since the epoch in ``zone``.
 
-    ``rfc3339`` keeps the instant with its UTC offset (``Z`` for UTC),
-    ``date`` gives YYYY-MM-DD and ``datetime`` YYYY-MM-DD HH:MM, both local to
-    ``zone``.
+    ``rfc3339`` gives the instant with its UTC offset (``Z`` for UTC), as the
+    JSON report does; ``date`` gives YYYY-MM-DD and ``datetime`` YYYY-MM-DD
+    HH:MM, both local to ``zone``.
     """
     if date_format == "rfc3339" and zone.key == "UTC":
-        return value
-    instant = datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(zone)
-    if date_format != "rfc3339":
-        return instant.strftime(_DATE_PATTERNS[date_format])
-    timespec = "microseconds" if instant.microsecond else "seconds"
-    return instant.isoformat(timespec=timespec)
+        return format_us
+    pattern = _DATE_PATTERNS.get(date_format)
+
+    def local(micros: int) -> str:
+        instant = (_EPOCH + timedelta(microseconds=micros)).astimezone(zone)
+        if pattern is not None:
+            return instant.strftime(pattern)
+        timespec = "microseconds" if instant.microsecond else "seconds"
+        return instant.isoformat(timespec=timespec)
+
+    return local
 
 
 def neutralise(text: str | None) -> str | None:

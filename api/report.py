@@ -6,7 +6,8 @@ projection's freshness; and the page. The page query selects the keys of the
 page's rows in a subquery, then collects the department names and event dates
 of those rows into JSON arrays with correlated subqueries. It is skipped when
 the page lies past the last row. A CSV or XLSX download (api.downloads) runs the
-same queries with every matching row in the last one, and streams its result.
+same first two queries, then ``download_statement``, which selects every
+matching row, and streams its result.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def page_statement(matching: MatchingRows, query: ReportQuery) -> Select:
 
 def row_json(row: RowMapping) -> dict[str, Any]:
     """Convert a row of ``page_statement`` to a row of the JSON report."""
-    departments = sorted(_json_array(row["departments"]), key=department_sort_key)
+    departments = sorted(json_array(row["departments"]), key=department_sort_key)
     return {
         "user_id": row["user_id"],
         "firstname": row["firstname"],
@@ -262,10 +263,22 @@ def department_sort_key(name: str) -> tuple[str, str]:
     return (name.lower(), name)
 
 
-def _json_array(text: str | None) -> list[Any]:
+def json_array(text: str | None) -> list[Any]:
+    """Parse a JSON array column of the report's SQL; NULL gives an empty list."""
     # PostgreSQL's json_agg returns NULL for no rows, SQLite's json_group_array "[]".
     return [] if text is None else orjson.loads(text)
 
 
 def _dates(text: str | None) -> list[str]:
-    return [format_us(micros) for micros in sorted(_json_array(text))]
+    return [format_us(micros) for micros in sorted(json_array(text))]
+
+
+def download_statement(matching: MatchingRows, query: ReportQuery) -> Select:
+    """Select every row that ``query`` matches, in its order, for a download.
+
+    The statement carries the request's values, so it runs without parameters.
+    """
+    report = matching.report
+    source, conditions = report.visible(query.include_suspended, query.department_id)
+    conditions.extend(report.filters(query))
+    return report.every_row(query, source, conditions)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
@@ -270,25 +270,36 @@ class ReportSql:
 
     def department_names(self):
         """Return a scalar subquery: the JSON array of the user's department names."""
-        t = self.tables
-        membership, department = t.memberships, t.departments
-        joined = membership.join(
-            department, department.c.department_id == membership.c.department_id
-        )
+        membership, joined, conditions = self._listed_departments()
         return (
-            select(JsonArrayAgg(department.c.name))
+            select(JsonArrayAgg(self.tables.departments.c.name))
             .select_from(joined)
             .where(
-                membership.c.user_id == t.license_allocations.c.user_id,
-                membership.c.company_id == self.company_id,
-                membership.c.assigned == true(),
-                department.c.company_id == self.company_id,
-                department.c.deleted == false(),
-                department.c.name.is_not(None),
-                *self._in_scope(department.c.department_id),
+                membership.c.user_id == self.tables.license_allocations.c.user_id,
+                *conditions,
             )
             .scalar_subquery()
         )
+
+    def _listed_departments(self) -> tuple[Any, FromClause, list[ColumnElement]]:
+        """Return the memberships, their join to departments, and the conditions.
+
+        The conditions select the user's assigned memberships of the company in
+        live, named departments within the credential's scope.
+        """
+        membership, department = self.tables.memberships, self.tables.departments
+        joined = membership.join(
+            department, department.c.department_id == membership.c.department_id
+        )
+        conditions = [
+            membership.c.company_id == self.company_id,
+            membership.c.assigned == true(),
+            department.c.company_id == self.company_id,
+            department.c.deleted == false(),
+            department.c.name.is_not(None),
+            *self._in_scope(department.c.department_id),
+        ]
+        return membership, joined, conditions
 
     def page(self, query: ReportQuery, source: FromClause, conditions: list) -> Select:
         """Select the rows of the page that ``query`` requests, in its order.
@@ -301,25 +312,35 @@ class ReportSql:
 
     def _page_columns(self, keys: Subquery) -> Select:
         """Select the columns of the page's rows, with departments and dates as JSON."""
+        allocation = self.tables.license_allocations
+        source = keys.join(
+            allocation,
+            (allocation.c.user_id == keys.c.user_id)
+            & (allocation.c.license_id == keys.c.license_id)
+            & (allocation.c.course_id == keys.c.course_id),
+        )
+        columns = self._row_columns(allocation, self.department_names())
+        return self._with_references(select(*columns), source, allocation)
+
+    def _with_references(self, rows: Select, source: FromClause, allocation) -> Select:
+        """Join the license, user and course of each report row to ``source``."""
         t = self.tables
-        allocation, user = t.license_allocations, t.users
-        source = (
-            keys.join(
-                allocation,
-                (allocation.c.user_id == keys.c.user_id)
-                & (allocation.c.license_id == keys.c.license_id)
-                & (allocation.c.course_id == keys.c.course_id),
-            )
-            .join(t.licenses, t.licenses.c.license_id == allocation.c.license_id)
-            .join(user, user.c.user_id == allocation.c.user_id)
+        return rows.select_from(
+            source.join(t.licenses, t.licenses.c.license_id == allocation.c.license_id)
+            .join(t.users, t.users.c.user_id == allocation.c.user_id)
             .outerjoin(t.courses, t.courses.c.course_id == allocation.c.course_id)
         )
-        return select(
+
+    def _row_columns(self, allocation, departments) -> list[ColumnElement]:
+        """Return the columns of a report row, with departments and dates as JSON."""
+        t = self.tables
+        user = t.users
+        return [
             allocation.c.user_id,
             user.c.firstname,
             user.c.lastname,
             user.c.email,
-            self.department_names().label("departments"),
+            departments.label("departments"),
             allocation.c.license_id,
             t.licenses.c.name.label("license_name"),
             t.licenses.c.reusable,
@@ -330,7 +351,49 @@ class ReportSql:
             self.event_times(UNALLOCATED).label("dates_unallocated"),
             allocation.c.allocations,
             allocation.c.unallocations,
-        ).select_from(source)
+        ]
+
+    def every_row(
+        self, query: ReportQuery, source: FromClause, conditions: list
+    ) -> Select:
+        """Select every row that ``query`` matches, in its order, for a download.
+
+        ``source`` and ``conditions`` are those of ``visible`` and ``filters``.
+        Each user's department names come from one aggregate per member of the
+        company, joined by user, where a page runs a subquery per row. COPY of
+        the 101,250 rows of the large company of bench/download.py took 1.3 to
+        1.4 s this way instead of 1.8 to 1.9 s (PostgreSQL 15, 2 cores).
+        """
+        allocation = self.tables.license_allocations
+        sort_value, source, _ = self._sort_value(query.sort, source)
+        names = self._department_lists()
+        source = source.outerjoin(names, names.c.user_id == allocation.c.user_id)
+        columns = self._row_columns(allocation, names.c.names)
+        keys = _OrderKeys(
+            sort_value,
+            allocation.c.lastname_key,
+            allocation.c.firstname_key,
+            allocation.c.user_id,
+            allocation.c.license_id,
+            allocation.c.course_id,
+        )
+        return (
+            self._with_references(select(*columns), source, allocation)
+            .where(*conditions)
+            .order_by(*page_order(keys, query.descending))
+        )
+
+    def _department_lists(self) -> Subquery:
+        """Select, per user, the JSON array that ``department_names`` returns."""
+        membership, joined, conditions = self._listed_departments()
+        names = JsonArrayAgg(self.tables.departments.c.name).label("names")
+        return (
+            select(membership.c.user_id, names)
+            .select_from(joined)
+            .where(*conditions)
+            .group_by(membership.c.user_id)
+            .subquery("department_lists")
+        )
 
     def page_keys(
         self, query: ReportQuery, source: FromClause, conditions: list
@@ -486,6 +549,17 @@ class ReportSql:
             .group_by(membership.c.user_id)
             .subquery("first_departments")
         )
+
+
+class _OrderKeys(NamedTuple):
+    """The columns that ``page_order`` orders by."""
+
+    sort_value: ColumnElement
+    lastname_key: ColumnElement
+    firstname_key: ColumnElement
+    user_id: ColumnElement
+    license_id: ColumnElement
+    course_id: ColumnElement
 
 
 def page_template(tables: Projection, company_id: int, query: ReportQuery) -> Select:

@@ -91,19 +91,16 @@ def download_csv(base_url: str, server_pid: int, company: int, params) -> Downlo
 
 def copy_statement(database_url: str, company: int, params) -> str:
     """Return the SELECT that a download runs, with its parameters inlined."""
-    from dataclasses import replace
-
     from api.database import live_snapshot
     from api.params import report_query
-    from api.report import count_rows, page_statement
+    from api.report import count_rows, download_statement
 
     engine = make_engine(database_url)
     try:
         with live_snapshot(engine) as (conn, tables):
             query = report_query(**params)
             matching = count_rows(conn, tables, company, query)
-            everything = replace(query, page=1, per_page=max(1, matching.total))
-            statement = page_statement(matching, everything)
+            statement = download_statement(matching, query)
             compiled = statement.compile(
                 dialect=engine.dialect, compile_kwargs={"literal_binds": True}
             )

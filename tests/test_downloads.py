@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import itertools
 import re
+import threading
+import time
 import tracemalloc
 import zipfile
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 
 from api.app import create_app
-from api.downloads import negotiate_format
+from api.downloads import fetch_ahead, negotiate_format
 from license_report.settings import Settings
 from projections.sql import make_engine
 from tests.api_data import (
@@ -639,3 +642,44 @@ def test_bulk_csv_row_count(bulk_apps):
     assert status == 200
     # Header plus 10,000 rows of at least 60 bytes each.
     assert size > 10_000 * 60
+
+
+# Reading rows ahead of the formatting.
+
+
+def test_fetch_ahead_keeps_order():
+    chunks = [[1, 2], [3], [], [4, 5, 6]]
+    assert list(fetch_ahead(iter(chunks))) == [1, 2, 3, 4, 5, 6]
+
+
+def test_fetch_ahead_raises_reader_error():
+    def chunks():
+        yield [1]
+        raise RuntimeError("connection lost")
+
+    rows = fetch_ahead(chunks())
+    assert next(rows) == 1
+    with pytest.raises(RuntimeError, match="connection lost"):
+        next(rows)
+
+
+def test_fetch_ahead_close_stops_reader():
+    """Closing the rows stops the reader before the caller closes the connection."""
+    read: list[int] = []
+
+    def chunks():
+        for number in itertools.count():
+            read.append(number)
+            yield [number]
+
+    rows = fetch_ahead(chunks(), depth=2)
+    assert next(rows) == 0
+    rows.close()
+    stopped_at = len(read)
+    time.sleep(0.3)
+    assert len(read) == stopped_at
+    # The depth bounds how far the reader got: one chunk taken, two queued,
+    # one waiting to be queued.
+    assert stopped_at <= 4
+    readers = [t for t in threading.enumerate() if t.name == "download-reader"]
+    assert not readers

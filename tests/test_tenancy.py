@@ -379,6 +379,31 @@ def test_csv_download_matrix(tenancy):
                     assert csv_emails(response) == expected, case
 
 
+def test_csv_departments_match_json(tenancy):
+    """A download lists the departments that the JSON report shows, in each scope."""
+    for scope, key in tenancy.keys.items():
+        for company in COMPANIES:
+            case = f"{scope.name}, company {company}"
+            path = REPORT.format(company=company)
+            report = tenancy.client.get(
+                path, params={"per_page": 1000}, headers=bearer(key)
+            )
+            if report.status_code != 200:
+                continue
+            download = tenancy.client.get(
+                path, params={"format": "csv"}, headers=bearer(key)
+            )
+            assert download.status_code == 200, f"{case}: {download.text}"
+            expected = [
+                (row["email"], "; ".join(row["departments"]))
+                for row in report.json()["rows"]
+            ]
+            text = codecs.decode(download.content, "utf-8-sig")
+            reader = csv.DictReader(io.StringIO(text))
+            actual = [(row["Email"], row["Department"]) for row in reader]
+            assert actual == expected, case
+
+
 def test_cookie_credential(tenancy):
     for scope in (ALL, ONLY_ACME, SALES_SUBTREE, LEAF, REVOKED, WRONG):
         for company in COMPANIES:
