@@ -23,17 +23,20 @@ import io
 import queue
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
+import anyio
+import anyio.to_thread
 import xlsxwriter
 from fastapi import Query, Request
 from sqlalchemy import RowMapping
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from api.errors import ApiError, Problem
 from api.params import ReportQuery
@@ -211,9 +214,31 @@ def download_response(
         media_type = XLSX_MEDIA_TYPE
     filename = download_filename(company_id, download.format, zone)
     headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         _closing(chunks, stack), media_type=media_type, headers=headers
     )
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed file whose generator is closed however the response ends.
+
+    Starlette 1.10 stops iterating when the client disconnects but leaves the
+    generator open, so its reader thread and database connection would wait
+    for a garbage collection. Closing it runs the generator's cleanup.
+    """
+
+    def __init__(self, content: Generator[bytes, None, None], **options: Any):
+        super().__init__(content, **options)
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # The worker thread that ran the generator has returned by now:
+            # Starlette runs it without abandoning it on cancellation.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._content.close)
 
 
 def fetch_ahead(partitions: Iterator[list[Any]], depth: int = 1) -> Iterator[Any]:
@@ -254,10 +279,13 @@ def fetch_ahead(partitions: Iterator[list[Any]], depth: int = 1) -> Iterator[Any
             yield from chunk
     finally:
         stopping.set()
-        reader.join()
+        # A garbage collection in the reader thread may close this generator;
+        # the reader then stops by itself after its current fetch.
+        if threading.current_thread() is not reader:
+            reader.join()
 
 
-def _closing(chunks: Iterator[bytes], stack: ExitStack) -> Iterator[bytes]:
+def _closing(chunks: Iterator[bytes], stack: ExitStack) -> Generator[bytes, None, None]:
     try:
         yield from chunks
     finally:
