@@ -246,7 +246,8 @@ def fetch_ahead(partitions: Iterator[list[Any]], depth: int = 1) -> Iterator[Any
 
     The database computes the next rows while the caller formats these ones.
     When the generator closes, it stops the thread and waits for it, so the
-    caller may then close the connection.
+    caller may then close the connection. The exception is a close from the
+    reader thread itself, by a garbage collection there, which cannot wait.
     """
     chunks: queue.Queue[list[Any] | BaseException | None] = queue.Queue(depth)
     stopping = threading.Event()
