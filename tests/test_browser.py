@@ -149,6 +149,9 @@ def sign_in(tab: Page) -> None:
     tab.get_by_label("API key").fill(KEY)
     tab.get_by_role("button", name="Sign in").click()
     expect(tab.get_by_role("heading", name="User license allocations")).to_be_visible()
+    # The heading can show before the deferred report.js has run; the load
+    # event comes after it, so the form's handlers are in place.
+    tab.wait_for_load_state("load")
 
 
 def screenshot(tab: Page, name: str) -> None:
