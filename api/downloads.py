@@ -235,8 +235,8 @@ class ClosingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            # The worker thread that ran the generator has returned by now:
-            # Starlette runs it without abandoning it on cancellation.
+            # Starlette waits for the worker thread that runs the generator even
+            # when the response is cancelled, so the generator is idle here.
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._content.close)
 
@@ -280,8 +280,8 @@ def fetch_ahead(partitions: Iterator[list[Any]], depth: int = 1) -> Iterator[Any
             yield from chunk
     finally:
         stopping.set()
-        # A garbage collection in the reader thread may close this generator;
-        # the reader then stops by itself after its current fetch.
+        # A garbage collection in the reader thread may close this generator.
+        # The reader then stops by itself after its current fetch.
         if threading.current_thread() is not reader:
             reader.join()
 

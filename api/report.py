@@ -264,7 +264,7 @@ def department_sort_key(name: str) -> tuple[str, str]:
 
 
 def json_array(text: str | None) -> list[Any]:
-    """Parse a JSON array column of the report's SQL; NULL gives an empty list."""
+    """Parse a JSON array column of the report's SQL, where NULL is an empty list."""
     # PostgreSQL's json_agg returns NULL for no rows, SQLite's json_group_array "[]".
     return [] if text is None else orjson.loads(text)
 

@@ -274,7 +274,7 @@ def write_prepared(
     Without ``copies``, the report rows' copied columns are left for a later
     ``report_rows.refresh_all``, which a rebuild runs once at the end. Without
     ``fold``, on PostgreSQL, the license events are stored but the report rows
-    are left for a later ``refold``; the events must then be new to the
+    are left for a later ``refold``. The events must then be new to the
     projection, as each rebuild batch's are.
     """
     if not batch.events:

@@ -211,14 +211,7 @@ def _membership_of(
         membership.c.company_id == company_id,
         membership.c.assigned == true(),
     ]
-    live = membership.join(
-        department,
-        and_(
-            department.c.department_id == membership.c.department_id,
-            department.c.company_id == membership.c.company_id,
-            department.c.deleted == false(),
-        ),
-    )
+    live = membership.join(department, _live_department(projection))
     department_key = (
         select(func.min(func.lower(department.c.name)))
         .select_from(live)
@@ -226,6 +219,16 @@ def _membership_of(
         .scalar_subquery()
     )
     return exists().where(*assigned), department_key
+
+
+def _live_department(projection: Projection) -> ColumnElement[bool]:
+    """Return the join condition of a membership to its live department."""
+    membership, department = projection.memberships, projection.departments
+    return and_(
+        department.c.department_id == membership.c.department_id,
+        department.c.company_id == membership.c.company_id,
+        department.c.deleted == false(),
+    )
 
 
 def _members(projection: Projection, users: Select | None):
@@ -236,14 +239,7 @@ def _members(projection: Projection, users: Select | None):
     live departments there (NULL if none).
     """
     membership, department = projection.memberships, projection.departments
-    joined = membership.outerjoin(
-        department,
-        and_(
-            department.c.department_id == membership.c.department_id,
-            department.c.company_id == membership.c.company_id,
-            department.c.deleted == false(),
-        ),
-    )
+    joined = membership.outerjoin(department, _live_department(projection))
     members = (
         select(
             membership.c.user_id,

@@ -64,7 +64,7 @@ def start_download(port: int) -> socket.socket:
 
 
 @pytest.mark.timeout(120)
-def test_disconnect_stops_reader_and_returns_connection(server):
+def test_disconnect_releases_reader(server):
     port, engine = server
     before = engine.pool.checkedout()
     client = start_download(port)
