@@ -13,7 +13,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
-from sqlalchemy import Connection, Select, case, delete, func, select, tuple_
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Select,
+    case,
+    cast,
+    column,
+    delete,
+    extract,
+    func,
+    select,
+    true,
+    tuple_,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
@@ -26,6 +39,7 @@ from projections.ordering import (
     ALLOCATED,
     UNALLOCATED,
     order_sequence,
+    order_sequence_sql,
     version_sequence,
 )
 from projections.privacy import scrub_deleted_users, subject_user_id
@@ -256,7 +270,7 @@ def prepare_events(
             references[name] = _reference_rows(table, key, changes)
     return PreparedBatch(
         references=references,
-        license_events=_license_event_rows(of(*_LICENSE_EVENT_TYPES)),
+        license_events=_license_event_rows(of(*LICENSE_EVENT_TYPES)),
         events=len(events),
         newest_time_us=max((event.time_us for event, _ in events), default=None),
     )
@@ -449,7 +463,7 @@ def _upsert_versioned(
         conn.execute(statement)
 
 
-_LICENSE_EVENT_TYPES = ("license.allocated", "license.unallocated")
+LICENSE_EVENT_TYPES = ("license.allocated", "license.unallocated")
 
 
 def _license_event_rows(
@@ -565,6 +579,69 @@ def _store_license_events(
     """
     values = (list(row.values()) for row in history)
     bulk.copy_rows(conn, projection.license_events, list(history[0]), values)
+
+
+def copy_stored_license_events(
+    conn: Connection, projection: Projection, after: int, upto: int
+) -> tuple[int, int | None]:
+    """Copy the license events stored after position ``after`` up to ``upto``.
+
+    On PostgreSQL only: the server reads each payload's data itself and
+    writes the rows that ``_license_event_rows`` computes from the decoded
+    events, unfolded, as ``_store_license_events`` does. Python then decodes
+    only the reference events, which on the history of bench/rebuild.py are a
+    quarter of all events. Returns the number of events copied and the newest
+    of their times.
+    """
+    store, events = schema.event_store, projection.license_events
+    data = (
+        func.json_to_record(cast(store.c.payload, postgresql.JSON)["data"])
+        .table_valued(
+            column("user_id", BigInteger),
+            column("license_id", BigInteger),
+            column("course_id", BigInteger),
+            column("issued_at", postgresql.TIMESTAMP(timezone=True)),
+        )
+        .render_derived(name="data", with_types=True)
+    )
+    allocated = store.c.type == "license.allocated"
+    issued_us = cast(extract("epoch", data.c.issued_at) * 1_000_000, BigInteger)
+    rows = (
+        select(
+            store.c.event_id,
+            data.c.user_id,
+            data.c.license_id,
+            data.c.course_id,
+            case((allocated, ALLOCATED), else_=UNALLOCATED),
+            case((allocated, issued_us), else_=store.c.time_us),
+            store.c.time_us,
+            order_sequence_sql(store.c.sequence, allocated),
+        )
+        .select_from(store.join(data, true()))
+        .where(
+            store.c.position > after,
+            store.c.position <= upto,
+            store.c.type.in_(LICENSE_EVENT_TYPES),
+        )
+    )
+    columns = [
+        "event_id",
+        "user_id",
+        "license_id",
+        "course_id",
+        "action",
+        "at_us",
+        "time_us",
+        "order_sequence",
+    ]
+    copied = (
+        insert(conn, events)
+        .from_select(columns, rows)
+        .returning(events.c.time_us)
+        .cte("copied")
+    )
+    count, newest = conn.execute(select(func.count(), func.max(copied.c.time_us))).one()
+    return count, newest
 
 
 def refold(conn: Connection, projection: Projection) -> None:

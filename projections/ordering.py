@@ -14,6 +14,8 @@ where ``position`` is the event's arrival order in the event store.
 
 from __future__ import annotations
 
+from sqlalchemy import ColumnElement, case
+
 # Sequences must stay below this bound; larger ones are rejected when decoding.
 MAX_SEQUENCE = 2**60
 NO_SEQUENCE = -(2**62)
@@ -33,3 +35,17 @@ def order_sequence(sequence: int | None, action: int) -> int:
 def version_sequence(sequence: int | None) -> int:
     """Return the sequence part of a reference-data version."""
     return NO_SEQUENCE if sequence is None else sequence
+
+
+def order_sequence_sql(sequence, allocated: ColumnElement[bool]) -> ColumnElement:
+    """Return ``order_sequence`` as a SQL expression of a sequence column.
+
+    ``allocated`` is true for an allocation and false for an unallocation.
+    """
+    return case(
+        (
+            sequence.is_(None),
+            case((allocated, NO_SEQUENCE), else_=_UNALLOCATION_WITHOUT_SEQUENCE),
+        ),
+        else_=2 * sequence + case((allocated, 0), else_=1),
+    )

@@ -6,12 +6,19 @@ import random
 
 import orjson
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import BigInteger, Engine, literal, select
 
 from consumer.batch import decode_values
 from consumer.timestamps import parse_rfc3339
 from projections import schema
 from projections.apply import apply_batch
+from projections.ordering import (
+    ALLOCATED,
+    MAX_SEQUENCE,
+    UNALLOCATED,
+    order_sequence,
+    order_sequence_sql,
+)
 
 T0 = "2024-03-01T09:00:00Z"
 T1 = "2024-03-02T09:00:00Z"
@@ -222,3 +229,14 @@ def _fresh_engine(engine: Engine, tmp_path, seed: int) -> Engine:
             conn.execute(text(f"CREATE SCHEMA fresh_{seed}"))
     upgrade(fresh)
     return fresh
+
+
+@pytest.mark.parametrize("sequence", [None, 0, 7, MAX_SEQUENCE - 1])
+@pytest.mark.parametrize("action", [ALLOCATED, UNALLOCATED])
+def test_order_sequence_sql_matches_python(engine, sequence, action):
+    expression = order_sequence_sql(
+        literal(sequence, BigInteger), literal(action == ALLOCATED)
+    )
+    with engine.connect() as conn:
+        computed = conn.execute(select(expression)).scalar_one()
+    assert computed == order_sequence(sequence, action)
