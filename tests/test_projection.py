@@ -240,3 +240,27 @@ def test_order_sequence_sql_matches_python(engine, sequence, action):
     with engine.connect() as conn:
         computed = conn.execute(select(expression)).scalar_one()
     assert computed == order_sequence(sequence, action)
+
+
+def upsert_user(event_id, time, lastname):
+    data = {"user_id": 1, "firstname": "Ana", "lastname": lastname, "email": "a@x.org"}
+    return event(event_id, "user.upserted", time, data)
+
+
+def test_projection_repeated_upsert_outranks_older_change(engine):
+    """An upsert that repeats a row's values still makes its version the row's."""
+    apply(
+        engine,
+        [
+            upsert_user("u1", T0, "Silva"),
+            allocate("a1", T0),
+            upsert_user("u2", T2, "Silva"),
+            upsert_user("u3", T1, "Souza"),
+        ],
+        batch_size=1,
+    )
+    assert allocation_row(engine).lastname_key == "silva"
+    apply(engine, [upsert_user("u4", "2024-03-04T09:00:00Z", "Costa")])
+    assert allocation_row(engine).lastname_key == "costa"
+    with engine.connect() as conn:
+        assert conn.execute(select(schema.users.c.lastname)).scalar_one() == "Costa"
