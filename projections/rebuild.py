@@ -372,7 +372,7 @@ def _with_license_events(
     after: int,
     upto: int,
 ) -> PreparedBatch:
-    """Copy the batch's stored license events in; count them in the batch."""
+    """Copy the license events stored in the batch's positions and count them."""
     count, newest = copy_stored_license_events(conn, projection, after, upto)
     if not count:
         return batch
