@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from sqlalchemy import Connection, Engine, func, inspect, select, text, update
-from sqlalchemy.schema import AddConstraint, CreateTable, DropConstraint
+from sqlalchemy import Connection, Engine, Table, func, inspect, select, text, update
+from sqlalchemy.schema import CreateTable, DropConstraint
 
 from consumer.decoding import decode_stored
 from consumer.events import StoredEvent
@@ -129,14 +129,26 @@ def _rebuild(
                 progress(done, done + remaining)
 
     filled = time.monotonic()
-    with engine.begin() as conn:
+    events = projection.license_events
+    with ThreadPoolExecutor(1, thread_name_prefix="rebuild-indexer") as indexer:
+        # On PostgreSQL the license events' indexes are built while the fold
+        # reads that table, which CREATE INDEX allows.
+        events_indexed = None
         if fold_once:
-            refold(conn, projection)
-        else:
-            report_rows.refresh_all(conn, projection)
-        # The totals triggers from here on, for the events the switch catches up.
-        report_totals.recount(conn, projection)
-        report_totals.install(conn, projection)
+            events_indexed = indexer.submit(
+                create_indexes, engine, projection, [events]
+            )
+        with engine.begin() as conn:
+            if fold_once:
+                refold(conn, projection)
+            else:
+                report_rows.refresh_all(conn, projection)
+            # The totals triggers from here on, for the events the switch
+            # catches up.
+            report_totals.recount(conn, projection)
+            report_totals.install(conn, projection)
+        if events_indexed is not None:
+            events_indexed.result()
     copied = time.monotonic()
     create_indexes(engine, projection)
     logger.info(
@@ -237,22 +249,44 @@ def create_version(
     return projection
 
 
-def create_indexes(engine: Engine, projection: Projection) -> None:
+def create_indexes(
+    engine: Engine, projection: Projection, only: Sequence[Table] = ()
+) -> None:
     """Create the indexes a version lacks, then refresh PostgreSQL's statistics.
 
-    Runs before the switch, so the API's first queries on the new version are
-    planned with its real sizes.
+    ``only`` limits the work to those tables of the version. Runs before the
+    switch, so the API's first queries on the new version are planned with
+    its real sizes.
     """
     with engine.begin() as conn:
-        events = projection.license_events
-        key = inspect(conn).get_pk_constraint(events.name)
-        if not key["constrained_columns"]:
-            conn.execute(AddConstraint(events.primary_key, isolate_from_table=False))
-        for table in projection.metadata.sorted_tables:
+        for table in only or projection.metadata.sorted_tables:
             for index in table.indexes:
                 index.create(conn, checkfirst=True)
             if conn.dialect.name == "postgresql":
                 conn.execute(text(f'ANALYZE "{table.name}"'))
+            if table is projection.license_events:
+                _create_event_key(conn, table)
+
+
+def _create_event_key(conn: Connection, events: Table) -> None:
+    """Add the license events' primary key if the table lacks it.
+
+    The key's index is built first, which lets readers of the table in. Only
+    adding the constraint on it waits for them.
+    """
+    if inspect(conn).get_pk_constraint(events.name)["constrained_columns"]:
+        return
+    quote = conn.dialect.identifier_preparer.quote
+    name, table = quote(events.primary_key.name), quote(events.name)
+    columns = ", ".join(quote(column.name) for column in events.primary_key.columns)
+    conn.execute(
+        text(f"CREATE UNIQUE INDEX IF NOT EXISTS {name} ON {table} ({columns})")
+    )
+    conn.execute(
+        text(
+            f"ALTER TABLE {table} ADD CONSTRAINT {name} PRIMARY KEY USING INDEX {name}"
+        )
+    )
 
 
 def lock_live(conn: Connection) -> int:

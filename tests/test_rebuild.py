@@ -7,7 +7,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, text, update
+from sqlalchemy import inspect, select, text, update
 from typer.testing import CliRunner
 
 from api.app import create_app
@@ -17,7 +17,7 @@ from license_report.settings import Settings
 from projections import schema
 from projections.apply import apply_batch
 from projections.rebuild import rebuild_from_store
-from projections.registry import live_projection
+from projections.registry import live_projection, tables
 from projections.verify import verify
 from tests.history import generate_history
 
@@ -53,6 +53,21 @@ def test_rebuild_matches_live_and_switches(engine, history):
     assert _live_version(engine) == result.version
     assert result.events == len(history.logical)
     assert verify(engine).differences == []
+
+
+def test_rebuild_restores_keys_and_indexes(engine, history):
+    """A rebuild leaves out some keys and indexes while it fills, then adds them."""
+    _apply(engine, history.messages)
+    result = rebuild_from_store(engine, batch_size=500)
+
+    projection = tables(result.version)
+    with engine.connect() as conn:
+        found = inspect(conn)
+        for table in projection.metadata.sorted_tables:
+            key = found.get_pk_constraint(table.name)
+            assert key["constrained_columns"] == table.primary_key.columns.keys()
+            names = {index["name"] for index in found.get_indexes(table.name)}
+            assert names >= {index.name for index in table.indexes}
 
 
 def test_rebuild_during_ingestion_loses_nothing(engine, database_url, history):
