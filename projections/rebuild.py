@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection, Engine, Table, func, inspect, select, text, update
-from sqlalchemy.schema import CreateTable, DropConstraint
+from sqlalchemy.schema import CreateTable
 
 from consumer.decoding import decode_stored
 from consumer.events import StoredEvent
@@ -235,7 +235,16 @@ def create_version(
             # CONFLICT, and their ids are unique in the event store. Building
             # the key afterwards took 0.8 s for 760,000 events where keeping
             # it during the fill cost 2.7 s.
-            conn.execute(DropConstraint(projection.license_events.primary_key))
+            # Plain SQL: in SQLAlchemy 2.0, DropConstraint also keeps the key
+            # out of later CREATE TABLEs of this cached Table.
+            events = projection.license_events
+            quote = conn.dialect.identifier_preparer.quote
+            conn.execute(
+                text(
+                    f"ALTER TABLE {quote(events.name)} "
+                    f"DROP CONSTRAINT {quote(events.primary_key.name)}"
+                )
+            )
     conn.execute(
         registry.insert().values(
             version=projection.version,
