@@ -163,18 +163,7 @@ def _expected_license_events(conn) -> set[tuple]:
 
 def _live_license_events(conn) -> set[tuple]:
     table = live_projection(conn).license_events
-    columns = [
-        "event_id",
-        "user_id",
-        "license_id",
-        "course_id",
-        "action",
-        "at_us",
-        "time_us",
-        "order_sequence",
-    ]
-    selected = select(*(table.c[name] for name in columns))
-    return {tuple(row) for row in conn.execute(selected)}
+    return {tuple(row) for row in conn.execute(select(table))}
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 1000])

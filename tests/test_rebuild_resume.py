@@ -72,6 +72,20 @@ def _check_resumed(engine, version: int) -> None:
     assert verify(engine).differences == []
 
 
+def _stop_after_first_batch(engine):
+    """Interrupt a rebuild once its first batch is committed; return its version."""
+
+    def interrupt(done: int, total: int) -> None:
+        if done > 0:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        rebuild_from_store(
+            engine, batch_size=300, progress=interrupt, switch_threshold=1
+        )
+    return _building(engine)
+
+
 def test_refold_failure_then_resume(pg_engine, history, monkeypatch):
     half = len(history.messages) // 2
     _apply(pg_engine, history.messages[:half])
@@ -134,16 +148,7 @@ def test_resume_version_that_kept_key(pg_engine, history):
     """A building version made by code that kept the key during the fill resumes."""
     half = len(history.messages) // 2
     _apply(pg_engine, history.messages[:half])
-
-    def interrupt(done: int, total: int) -> None:
-        if done > 0:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        rebuild_from_store(
-            pg_engine, batch_size=300, progress=interrupt, switch_threshold=1
-        )
-    building = _building(pg_engine)
+    building = _stop_after_first_batch(pg_engine)
     assert building.position > 0
     events = tables(building.version).license_events
     key = events.primary_key
@@ -162,16 +167,7 @@ def test_resume_version_that_kept_key(pg_engine, history):
 def test_resume_mid_fill_without_key(pg_engine, history):
     half = len(history.messages) // 2
     _apply(pg_engine, history.messages[:half])
-
-    def interrupt(done: int, total: int) -> None:
-        if done > 0:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        rebuild_from_store(
-            pg_engine, batch_size=300, progress=interrupt, switch_threshold=1
-        )
-    building = _building(pg_engine)
+    building = _stop_after_first_batch(pg_engine)
     assert _event_key_columns(pg_engine, building.version) == []
     _apply(pg_engine, history.messages[half:])
 
